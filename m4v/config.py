@@ -121,9 +121,10 @@ class M4VConfig:
 
 
 PRESETS: dict[str, M4VConfig] = {
-    # Trains on a 2-core CPU in minutes on the Shapes world (see m4v.data.shapes).
+    # Trains on a 2-core CPU in minutes on the Shapes world (see m4v.data.shapes); its latent is
+    # m4v.vae.PixelLatent (32x32 RGB -> 12 x 16 x 16 per frame), hence 12 channels.
     "tiny": M4VConfig(
-        in_channels=16, hidden_size=64, num_heads=4, text_dim=64, pooled_dim=64,
+        in_channels=12, hidden_size=64, num_heads=4, text_dim=64, pooled_dim=64,
         max_text_len=16, num_introducer_layers=1, num_core_layers=2, mlp_ratio=2.0,
         temporal_dim=4,
     ),
