@@ -102,10 +102,9 @@ class M4VConfig:
 
         Each part is even because rotations act on pairs.
         """
-        t = 2 * max(1, self.head_dim // 8)
-        hw = (self.head_dim - t) // 2
+        hw = (self.head_dim - 2 * max(1, self.head_dim // 8)) // 2
         hw -= hw % 2
-        return t, hw, hw
+        return self.head_dim - 2 * hw, hw, hw
 
     def replace(self, **changes) -> M4VConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

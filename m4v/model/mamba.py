@@ -1,0 +1,58 @@
+"""The Mamba-1 mixer of an MM-DiM block (selective SSM, Gu & Dao 2023), unidirectional.
+
+in_proj -> (x, z); x: causal depthwise conv1d (k = d_conv) -> SiLU -> x_proj -> (dt, B, C);
+dt_proj(dt) + softplus -> delta; selective scan(x, delta, A, B, C, D) gated by SiLU(z); out_proj.
+Initialisation follows mamba-ssm (S4D-real A, dt log-uniform in [dt_min, dt_max]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m4v.ops.scan import selective_scan
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank: int | None = None, scan_backend: str = "auto",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
+        self.scan_backend = scan_backend
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_floor)
+        with torch.no_grad():  # bias = softplus^-1(dt), so softplus(bias) starts at dt
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(b, L, d_model) -> (b, L, d_model)."""
+        length = x.shape[1]
+        xz = self.in_proj(x).transpose(1, 2)  # (b, 2 d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d(x)[..., :length])
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes to the scan, fused
+        y = selective_scan(
+            x, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y.transpose(1, 2))
