@@ -17,7 +17,7 @@ def test_each_order_is_a_path_of_4_neighbours(h, w):
     for order in orders:
         assert sorted(order.tolist()) == list(range(h * w))
         cells = _cells(order, w)
-        for (r0, c0), (r1, c1) in zip(cells, cells[1:]):
+        for (r0, c0), (r1, c1) in zip(cells[:-1], cells[1:], strict=True):
             assert abs(r0 - r1) + abs(c0 - c1) == 1
 
 

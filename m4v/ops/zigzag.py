@@ -33,7 +33,9 @@ NUM_DIRECTIONS = 8
 def _check_grid(h: int, w: int) -> None:
     for name, value in (("h", h), ("w", w)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (grid height/width in tokens), got {value!r}")
+            raise ValueError(
+                f"{name} must be an int >= 1 (grid height/width in tokens), got {value!r}"
+            )
 
 
 def _row_wise_from_top_left(h: int, w: int) -> torch.Tensor:
