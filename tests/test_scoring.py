@@ -4,7 +4,12 @@ import math
 
 import pytest
 
-from harness.vbench.scoring import ALL_DIMENSIONS, QUALITY_DIMENSIONS, SEMANTIC_DIMENSIONS, aggregate
+from harness.vbench.scoring import (
+    ALL_DIMENSIONS,
+    QUALITY_DIMENSIONS,
+    SEMANTIC_DIMENSIONS,
+    aggregate,
+)
 
 RAW = {
     "subject_consistency": 0.95, "background_consistency": 0.96, "temporal_flickering": 0.97,

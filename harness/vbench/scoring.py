@@ -81,14 +81,17 @@ def aggregate(raw: Mapping[str, float]) -> dict:
     """
     unknown = sorted(set(raw) - set(ALL_DIMENSIONS))
     if unknown:
-        raise ValueError(f"raw: unknown dimensions {unknown}, expected names from {list(ALL_DIMENSIONS)}")
+        raise ValueError(
+            f"raw: unknown dimensions {unknown}, expected names from {list(ALL_DIMENSIONS)}"
+        )
     if not raw:
         raise ValueError("raw: got no dimension scores, expected at least one")
     normalized = {}
     for name in ALL_DIMENSIONS:
         if name in raw:
             value = raw[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not numeric or not math.isfinite(value):
                 raise ValueError(f"raw[{name!r}]: got {value!r}, expected a finite number")
             normalized[name] = normalize(name, float(value))
 
