@@ -28,6 +28,7 @@ def _video(b, t, h, w, seed=0):
 
 # --- PixelLatent --------------------------------------------------------------------------------
 
+
 def test_pixel_latent_shapes_and_exact_round_trip():
     codec = PixelLatent()
     video = _video(2, 8, 32, 32)
@@ -45,7 +46,7 @@ def test_pixel_latent_matches_per_frame_space_to_depth():
     for t in range(3):
         for y in range(2):
             for x in range(3):
-                block = video[0, :, t, 2 * y:2 * y + 2, 2 * x:2 * x + 2].reshape(-1)
+                block = video[0, :, t, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2].reshape(-1)
                 torch.testing.assert_close(z[0, :, t, y, x], (block - 0.25) * 0.5)
     torch.testing.assert_close(codec.decode(z), video)
 
@@ -61,6 +62,7 @@ def test_pixel_latent_rejects_bad_input():
 
 # --- CausalVAE3D --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_vae():
     torch.manual_seed(0)
@@ -74,7 +76,11 @@ def test_causal_vae_shapes(tiny_vae, frames, latent_frames):
         z = tiny_vae.encode(video)
         assert z.shape == (2, 16, latent_frames, 2, 3)
         assert tiny_vae.decode(z).shape == video.shape
-    assert (tiny_vae.spatial_factor, tiny_vae.temporal_factor, tiny_vae.latent_channels) == (8, 8, 16)
+    assert (tiny_vae.spatial_factor, tiny_vae.temporal_factor, tiny_vae.latent_channels) == (
+        8,
+        8,
+        16,
+    )
 
 
 def test_causal_vae_encoder_is_causal_and_first_frame_alone(tiny_vae):
@@ -171,21 +177,28 @@ def test_vae_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_latent_scaling_calibration_and_save_load(tmp_path, tiny_vae):
+def test_latent_scaling_calibration_and_save_load(tmp_path):
+    tiny_vae = CausalVAE3D(CausalVAE3DConfig.preset("tiny")).eval()
     video = _video(2, 9, 16, 16)
     scale, shift = tiny_vae.calibrate_latent_scaling([video[:1], video[1:]])
     with torch.no_grad():
         z = tiny_vae.encode(video)
         raw, _ = tiny_vae.posterior(video)
     # Reference: the statistics of the raw posterior means.
-    torch.testing.assert_close(torch.tensor(shift), raw.mean().double().float(), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor(1 / scale), raw.std(unbiased=False), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(shift), raw.mean().double().float(), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.tensor(1 / scale), raw.std(unbiased=False), atol=1e-5, rtol=1e-4
+    )
     torch.testing.assert_close(z.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(unbiased=False), torch.tensor(1.0), atol=1e-4, rtol=0)
 
     tiny_vae.save_pretrained(tmp_path / "vae")
     loaded = load_codec(f"causal3d:{tmp_path / 'vae'}").eval()
-    assert loaded.scaling_factor == pytest.approx(scale) and loaded.shift_factor == pytest.approx(shift)
+    assert loaded.scaling_factor == pytest.approx(scale) and loaded.shift_factor == pytest.approx(
+        shift
+    )
     with torch.no_grad():
         assert torch.equal(loaded.encode(video), z)
     with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
@@ -203,13 +216,19 @@ def test_load_codec_specs():
 
 # --- DiffusersVideoVAE --------------------------------------------------------------------------
 
+
 def _tiny_cogvideox():
     from diffusers import AutoencoderKLCogVideoX
 
     return AutoencoderKLCogVideoX(
-        block_out_channels=(8, 8), down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2, latent_channels=4, layers_per_block=1,
-        norm_num_groups=4, temporal_compression_ratio=2, scaling_factor=0.7,
+        block_out_channels=(8, 8),
+        down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=2,
+        scaling_factor=0.7,
     )
 
 
@@ -217,8 +236,13 @@ def _tiny_wan():
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
-        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[2.0, 1.5, 0.5, 1.0],
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[2.0, 1.5, 0.5, 1.0],
     )
 
 
@@ -226,11 +250,19 @@ def _tiny_ltx():
     from diffusers import AutoencoderKLLTXVideo
 
     model = AutoencoderKLLTXVideo(
-        latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-        layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-        spatio_temporal_scaling=(True, False), decoder_spatio_temporal_scaling=(True, False),
-        decoder_inject_noise=(False, False, False), downsample_type=("conv", "conv"),
-        upsample_residual=(False, False), upsample_factor=(1, 1), patch_size=2, scaling_factor=0.9,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, False),
+        decoder_spatio_temporal_scaling=(True, False),
+        decoder_inject_noise=(False, False, False),
+        downsample_type=("conv", "conv"),
+        upsample_residual=(False, False),
+        upsample_factor=(1, 1),
+        patch_size=2,
+        scaling_factor=0.9,
     )
     with torch.no_grad():
         model.latents_mean.copy_(torch.tensor([0.5, 0.0, -0.5, 0.1]))

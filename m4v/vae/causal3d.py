@@ -62,7 +62,9 @@ class CausalVAE3DConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"widths: got {self.widths}, expected a non-empty tuple of positive ints")
+            raise ValueError(
+                f"widths: got {self.widths}, expected a non-empty tuple of positive ints"
+            )
         for name in ("in_channels", "latent_channels", "layers_per_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
@@ -108,7 +110,9 @@ class CausalConv3d(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1):
         super().__init__()
         self.kt = kernel
-        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2))
+        self.conv = nn.Conv3d(
+            cin, cout, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2)
+        )
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         if self.kt == 1:
@@ -118,7 +122,7 @@ class CausalConv3d(nn.Module):
             past = x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1)
         x = torch.cat([past, x], dim=2)
         if cache is not None:
-            cache[self] = x[:, :, -(self.kt - 1):].detach()
+            cache[self] = x[:, :, -(self.kt - 1) :].detach()
         return self.conv(x)
 
 
@@ -149,7 +153,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Doubles T causally (1 + m -> 1 + 2m: each frame twice, first copy of frame 0 dropped), H, W."""
+    """Doubles T causally (1 + m -> 1 + 2m: each frame twice, the first copy of frame 0 dropped),
+    H and W."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -309,24 +314,32 @@ class CausalVAE3D(nn.Module):
         """
         check_latent(latent, self.latent_channels)
         if tile is not None and tile < 1:
-            raise ValueError(f"tile: got {tile}, expected a positive number of latent pixels or None")
+            raise ValueError(
+                f"tile: got {tile}, expected a positive number of latent pixels or None"
+            )
         if tile is not None and not 0 <= overlap <= tile // 2:
-            raise ValueError(f"overlap: got {overlap}, expected 0 <= overlap <= tile // 2 = {tile // 2}")
+            raise ValueError(
+                f"overlap: got {overlap}, expected 0 <= overlap <= tile // 2 = {tile // 2}"
+            )
         if chunk is not None and chunk < 1:
-            raise ValueError(f"chunk: got {chunk}, expected a positive number of latent frames or None")
+            raise ValueError(
+                f"chunk: got {chunk}, expected a positive number of latent frames or None"
+            )
         z = self._denormalise(latent)
         b, _, t, h, w = z.shape
         f = self.spatial_factor
-        out = z.new_zeros(b, self.config.in_channels, 1 + self.temporal_factor * (t - 1), h * f, w * f)
+        out = z.new_zeros(
+            b, self.config.in_channels, 1 + self.temporal_factor * (t - 1), h * f, w * f
+        )
         for ys, ye, yw in _tile_plan(h, tile, overlap, f):
             for xs, xe, xw in _tile_plan(w, tile, overlap, f):
                 weight = (yw[:, None] * xw[None, :]).to(out)
                 cache: Cache = {}
                 frame = 0
                 for cs in range(0, t, chunk or t):
-                    part = self.decoder(z[:, :, cs:cs + (chunk or t), ys:ye, xs:xe], cache)
+                    part = self.decoder(z[:, :, cs : cs + (chunk or t), ys:ye, xs:xe], cache)
                     n = part.shape[2]
-                    out[:, :, frame:frame + n, ys * f:ye * f, xs * f:xe * f] += part * weight
+                    out[:, :, frame : frame + n, ys * f : ye * f, xs * f : xe * f] += part * weight
                     frame += n
         return out
 
@@ -360,7 +373,9 @@ class CausalVAE3D(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, **dataclasses.asdict(self.config)}
-        _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        _atomic_write(
+            folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2))
+        )
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
         return folder
@@ -374,7 +389,8 @@ class CausalVAE3D(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(
                 f"causal3d VAE folder {str(folder)!r}: expected config.json and model.safetensors "
-                "there, as written by CausalVAE3D.save_pretrained (e.g. after `--stage vae` training)"
+                "there, as written by CausalVAE3D.save_pretrained (e.g. after `--stage vae` "
+                "training)"
             )
         raw = json.loads(config_path.read_text())
         raw.pop("_class_name", None)
@@ -396,8 +412,13 @@ def vae_loss(vae: CausalVAE3D, video: torch.Tensor) -> tuple[torch.Tensor, dict[
     loss = l1 + vae.config.kl_weight * kl
     with torch.no_grad():
         mse = F.mse_loss(recon, video)
-    logs = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "mse": mse.item(),
-            "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).item()}
+    logs = {
+        "loss": loss.item(),
+        "l1": l1.item(),
+        "kl": kl.item(),
+        "mse": mse.item(),
+        "psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).item(),
+    }
     return loss, logs
 
 
@@ -417,7 +438,7 @@ def _tile_plan(n: int, tile: int | None, overlap: int, f: int):
     edges = [round(i * n / count) for i in range(count + 1)]
     half = overlap * f / 2
     plan = []
-    for c0, c1 in zip(edges[:-1], edges[1:]):
+    for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
         start, end = max(0, c0 - overlap), min(n, c1 + overlap)
         centre = torch.arange(start * f, end * f, dtype=torch.float64) + 0.5
         weight = torch.ones_like(centre)

@@ -64,7 +64,8 @@ class DiffusersVideoVAE(nn.Module):
         name = raw.get("_class_name")
         if name not in SUPPORTED_CLASSES:
             raise ValueError(
-                f"{folder / 'config.json'}: _class_name is {name!r}, expected one of {SUPPORTED_CLASSES}"
+                f"{folder / 'config.json'}: _class_name is {name!r}, "
+                f"expected one of {SUPPORTED_CLASSES}"
             )
         import diffusers
 

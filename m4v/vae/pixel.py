@@ -33,7 +33,9 @@ class PixelLatent(nn.Module):
         if channels < 1:
             raise ValueError(f"channels: got {channels}, expected >= 1")
         if scale == 0:
-            raise ValueError("scale: got 0, expected a non-zero number (the map must be invertible)")
+            raise ValueError(
+                "scale: got 0, expected a non-zero number (the map must be invertible)"
+            )
         self.factor = factor
         self.channels = channels
         self.scale = float(scale)
@@ -66,4 +68,7 @@ class PixelLatent(nn.Module):
         return frames.reshape(b, t, self.channels, h * self.factor, w * self.factor).transpose(1, 2)
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}, channels={self.channels}, scale={self.scale}, shift={self.shift}"
+        return (
+            f"factor={self.factor}, channels={self.channels}, scale={self.scale}, "
+            f"shift={self.shift}"
+        )
