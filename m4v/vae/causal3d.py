@@ -14,9 +14,10 @@ Design choices that the rest of the code relies on:
 * **Norms are per pixel** (RMS over channels, as in Wan's VAE), and there is no spatial
   self-attention. Every output value therefore depends on a bounded spatio-temporal neighbourhood,
   which is what makes the tiled and chunked decodes below exact instead of approximate.
-* **Chunked decode is exact** by carrying the causal-convolution cache between chunks: each
-  causal convolution keeps the last (k_t - 1) frames of its input and uses them as the past padding
-  of the next chunk, so chunk-by-chunk decoding performs the same arithmetic as one decode.
+* **Chunked encode and decode are exact** by carrying the causal-convolution cache between
+  chunks: each causal convolution keeps the last k_t - s_t frames of its input (kernel minus
+  stride) and uses them as the past padding of the next chunk, so chunk-by-chunk processing
+  performs the same arithmetic as one pass (chunks after the first hold whole groups of 8 frames).
 * **Tiled decode** cuts space into tiles decoded with extra context and cross-fades neighbours
   (see ``CausalVAE3D.tiled_decode``); it equals plain decode once the context covers the decoder's
   receptive radius (``CausalVAE3D.decoder_receptive_radius``).
@@ -103,13 +104,14 @@ class ChannelRMSNorm(nn.Module):
 class CausalConv3d(nn.Module):
     """3D convolution padded in time on the past side only; zero padding in space.
 
-    With a ``cache`` (stride 1 in time only), the past padding is the previous chunk's last
-    k_t - 1 input frames, so decoding in chunks equals decoding at once.
+    With a ``cache``, the past padding of a later chunk is the previous chunk's last
+    k_t - s_t input frames (s_t: temporal stride), which makes chunked processing equal to
+    processing at once, provided every chunk after the first has a multiple of s_t frames.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1):
         super().__init__()
-        self.kt = kernel
+        self.kt, self.st = kernel, stride
         self.conv = nn.Conv3d(
             cin, cout, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2)
         )
@@ -122,7 +124,8 @@ class CausalConv3d(nn.Module):
             past = x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1)
         x = torch.cat([past, x], dim=2)
         if cache is not None:
-            cache[self] = x[:, :, -(self.kt - 1) :].detach()
+            # Not detached: gradients must flow across chunks (reward fine-tuning decodes this way).
+            cache[self] = x[:, :, x.shape[2] - (self.kt - self.st) :]
         return self.conv(x)
 
 
@@ -148,8 +151,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = CausalConv3d(channels, channels, kernel=3, stride=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        return self.conv(x, cache)
 
 
 class Upsample(nn.Module):
@@ -190,14 +193,15 @@ class Encoder(nn.Module):
         self.norm_out = ChannelRMSNorm(prev, eps)
         self.conv_out = CausalConv3d(prev, 2 * cfg.latent_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, 3, 1 + f*k, H, W) -> (b, 2 * latent, 1 + k, H/f, W/f): mean and logvar stacked."""
-        x = self.conv_in(x)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """(b, 3, 1 + f*k, H, W) -> (b, 2 * latent, 1 + k, H/f, W/f): mean and logvar stacked.
+        With a cache, a later chunk of f*k frames gives k latent frames."""
+        x = self.conv_in(x, cache)
         for level in self.levels:
             for layer in level:
-                x = layer(x)
-        x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+                x = layer(x, cache)
+        x = self.mid(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
 
 
 class Decoder(nn.Module):
@@ -275,18 +279,43 @@ class CausalVAE3D(nn.Module):
         """Latent pixels beyond which a latent value cannot influence a decoded pixel."""
         return self.decoder.receptive_radius
 
-    def posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """video (b, 3, 1 + 8k, H, W) -> mean, logvar (b, 16, 1 + k, H/8, W/8), unnormalised."""
+    def posterior(
+        self, video: torch.Tensor, chunk: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """video (b, 3, 1 + 8k, H, W) -> mean, logvar (b, 16, 1 + k, H/8, W/8), unnormalised.
+
+        ``chunk``: encode ``chunk`` latent frames at a time (video frames 0 .. 8(chunk-1), then
+        8*chunk per step), carrying the causal-convolution cache: exact, with activation memory
+        bounded by the chunk instead of the clip. None: the whole clip at once.
+        """
         check_video(video, self.config.in_channels, self.spatial_factor, self.temporal_factor)
-        moments = self.encoder(video)
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk: got {chunk}, expected a positive number of latent frames")
+        if chunk is None:
+            moments = self.encoder(video)
+        else:
+            f, cache = self.temporal_factor, {}
+            bounds = [0, *range(1 + f * (chunk - 1), video.shape[2], f * chunk), video.shape[2]]
+            moments = torch.cat(
+                [
+                    self.encoder(video[:, :, a:b], cache)
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+                ],
+                dim=2,
+            )
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(*_LOGVAR_RANGE)
 
     def encode(
-        self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self,
+        video: torch.Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        chunk: int | None = None,
     ) -> torch.Tensor:
-        """Normalised latent (b, 16, 1 + k, H/8, W/8): the posterior mean, or a sample of it."""
-        mean, logvar = self.posterior(video)
+        """Normalised latent (b, 16, 1 + k, H/8, W/8): the posterior mean, or a sample of it.
+        ``chunk``: see ``posterior``."""
+        mean, logvar = self.posterior(video, chunk)
         z = _sample(mean, logvar, generator) if sample else mean
         return (z - self.latent_shift) * self.latent_scale
 
