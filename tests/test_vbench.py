@@ -4,6 +4,7 @@ handling and the CLI."""
 
 import argparse
 import json
+import os
 import shutil
 
 import numpy as np
@@ -27,12 +28,17 @@ FPS = 16  # dynamic degree reads every round(fps / 8)-th frame: half the RAFT pa
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """VBench's networks run per frame: one thread is fastest on a shared CPU."""
-    threads = torch.get_num_threads()
+def _isolated():
+    """One torch thread (VBench's networks run frame by frame: fastest on a shared CPU); the
+    VBENCH_CACHE_DIR that the harness sets for vbench is restored afterwards."""
+    threads, env = torch.get_num_threads(), os.environ.get(weights.ENV_VAR)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop(weights.ENV_VAR, None)
+    else:
+        os.environ[weights.ENV_VAR] = env
 
 
 def _texture(seed: int, size: int = 64) -> np.ndarray:
@@ -154,8 +160,8 @@ def test_aggregate_equals_vbench_own_result(cache, videos, tmp_path):
     info = tmp_path / "info.json"
     info.write_text(json.dumps([{"prompt_en": i.prompt, "dimension": [name],
                                  "video_list": [str(i.path)]} for i in items]))
-    upstream.use_cache_dir(cache)
-    own, _ = upstream.compute_function(name)(str(info), "cpu", dims.submodule_args(name, cache))
+    own, _ = upstream.compute_function(name, cache)(str(info), "cpu",
+                                                    dims.submodule_args(name, cache))
     assert _aggregates(store, "m", "custom")[name]["value"] == pytest.approx(own, abs=1e-12)
 
 
@@ -194,7 +200,7 @@ def test_bad_videos_are_skipped_and_reruns_skip_stored_work(cache, videos, tmp_p
     def never(*args, **kwargs):
         raise AssertionError("VBench was called for work already stored")
 
-    monkeypatch.setattr(runner.upstream, "compute_function", lambda name: never)
+    monkeypatch.setattr(runner.upstream, "compute_function", lambda name, cache: never)
     second = runner.evaluate(suites.folder_items(folder), names, store, "m", "custom",
                              cache_dir=cache, device="cpu")
     assert all(r.scored == {} and set(r.errors) == bad for r in second)
@@ -218,7 +224,7 @@ def test_a_video_vbench_cannot_score_is_isolated(videos, tmp_path, monkeypatch):
     folder = tmp_path / "v"
     _copy_good(videos, folder)
     shutil.copy(videos / STATIC, folder / "a second static texture-0.mp4")
-    real = upstream.compute_function("temporal_flickering")
+    real = upstream.compute_function("temporal_flickering", tmp_path)
 
     def picky(json_path, device, args, **kwargs):
         listed = [v for e in json.loads(open(json_path).read()) for v in e["video_list"]]
@@ -226,7 +232,7 @@ def test_a_video_vbench_cannot_score_is_isolated(videos, tmp_path, monkeypatch):
             raise RuntimeError("decoder crashed")
         return real(json_path, device, args)
 
-    monkeypatch.setattr(runner.upstream, "compute_function", lambda name: picky)
+    monkeypatch.setattr(runner.upstream, "compute_function", lambda name, cache: picky)
     (result,) = runner.evaluate(suites.folder_items(folder), ["temporal_flickering"],
                                 Store(tmp_path / "r.duckdb"), "m", "custom", device="cpu")
     assert result.status == "scored"
@@ -242,7 +248,7 @@ def test_a_dimension_that_fails_everywhere_is_failed_not_the_videos(videos, tmp_
     folder = tmp_path / "v"
     _copy_good(videos, folder)
     shutil.copy(videos / STATIC, folder / "a third-0.mp4")
-    monkeypatch.setattr(runner.upstream, "compute_function", lambda name: broken)
+    monkeypatch.setattr(runner.upstream, "compute_function", lambda name, cache: broken)
     store = Store(tmp_path / "r.duckdb")
     (result,) = runner.evaluate(suites.folder_items(folder), ["temporal_flickering"], store,
                                 "m", "custom", device="cpu")
@@ -282,7 +288,7 @@ def test_unknown_dimension_and_import_failures(monkeypatch, tmp_path):
 
     monkeypatch.setattr(upstream.importlib, "import_module", no_detectron)
     with pytest.raises(upstream.DimensionUnavailable, match="detectron2"):
-        upstream.compute_function("color")
+        upstream.compute_function("color", tmp_path)
 
 
 def test_weights_listing(cache, capsys, monkeypatch):

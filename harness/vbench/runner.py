@@ -135,10 +135,9 @@ def _evaluate_dimension(name, items, store, checkpoint, suite, cache, device, de
     result = DimensionResult(name, "up to date" if not todo else "scored")
     if todo:
         try:
-            compute = upstream.compute_function(name)
+            compute = upstream.compute_function(name, cache)
         except upstream.DimensionUnavailable as e:
             return DimensionResult(name, "unavailable", str(e))
-        upstream.use_cache_dir(cache)
         ready = []
         for item in todo:
             reason = _check_video(item, dimension, decoded, store, checkpoint, suite)

@@ -14,7 +14,8 @@ the harness bridges the few places where its code meets newer libraries:
   there, are loaded this way: unpickling can execute code, so never point the cache at files of
   unknown origin.
 * ``VBENCH_CACHE_DIR``: vbench reads it once, at import, into module globals (``CACHE_DIR``);
-  ``use_cache_dir`` sets the variable and those globals.
+  ``use_cache_dir`` sets the variable and those globals, before a dimension's module is imported
+  (``compute_function``): the ViCLIP tokenizer looks for its vocabulary there at import time.
 * Video decoding: vbench reads mp4 with ``decord`` (``vbench.utils.load_video``) and OpenCV
   (``cv2.VideoCapture``) as upstream does; both are real dependencies (decord 0.6.0 ships a
   ``py3-none-manylinux2010_x86_64`` wheel, so it installs on any CPython 3 on x86-64 Linux).
@@ -76,15 +77,17 @@ def use_cache_dir(cache_dir: str | os.PathLike) -> None:
             module.CACHE_DIR = str(cache_dir)
 
 
-def compute_function(dimension: str) -> Callable:
-    """``vbench.<dimension>.compute_<dimension>``; raises ``DimensionUnavailable`` naming what
-    failed to import."""
+def compute_function(dimension: str, cache_dir: str | os.PathLike) -> Callable:
+    """``vbench.<dimension>.compute_<dimension>``, with vbench pointed at ``cache_dir`` first
+    (some modules read files of the cache at import: ViCLIP's tokenizer vocabulary, fetched with
+    wget when absent); raises ``DimensionUnavailable`` naming what failed to import."""
     if importlib.util.find_spec("vbench") is None:
         raise DimensionUnavailable(
             f"{dimension}: the vbench package is not installed "
             "(pip install --no-deps vbench==0.1.5, plus its real imports: see the README)"
         )
     install_pkg_resources_shim()
+    use_cache_dir(cache_dir)
     try:
         module = importlib.import_module(f"vbench.{dimension}")
     except Exception as e:  # noqa: BLE001 - any import failure makes the dimension unavailable
