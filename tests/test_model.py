@@ -245,7 +245,7 @@ def test_rope_positions_interpolate_coarse_frames():
     assert axis_positions(4, 4).tolist() == [0, 1, 2, 3]
     layout = ClipLayout(0, ((1, 2), (2, 4)), (3, 4))
     pos = video_positions(layout)
-    assert pos[:2].tolist() == [[3, 0.5, 1.0], [3, 0.5, 3.0]]
+    assert pos[:2].tolist() == [[3, 0.5, 0.5], [3, 0.5, 2.5]]
     assert pos[2:4].tolist() == [[4, 0, 0], [4, 0, 1]]
 
 
