@@ -330,6 +330,38 @@ def test_dino_loader_matches_timm_and_interpolates_like_dino(cache):
     assert not torch.allclose(wide[:, 1:], plain)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (48, 48), (36, 64)])
+def test_vbench_video_loading_goes_through_pyav(tmp_path, size):
+    """vbench.utils.load_video (VBench's own frame selection) reads through PyAVVideoReader:
+    frame sizes that decord 0.6.0 rejects work, and frames equal an independent decode (and
+    decord's, where decord is installed and works)."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, *size, 3), dtype=np.uint8)
+    path = tmp_path / "v.mp4"
+    write_video(path, frames, fps=8)
+    upstream.compute_function("temporal_flickering", tmp_path)  # installs the reader
+    import vbench.utils
+
+    assert vbench.utils.VideoReader is upstream.PyAVVideoReader
+    decoded = read_video(path)
+    video = vbench.utils.load_video(str(path))  # (t, c, h, w) float, VBench's layout
+    assert torch.equal(video, torch.from_numpy(decoded).permute(0, 3, 1, 2).float())
+    middle = vbench.utils.load_video(str(path), num_frames=2, return_tensor=False)
+    # VBench's "middle" sampling of 2 of 5 frames: intervals [0, 1] and [2, 4] -> frames 0, 3
+    assert np.array_equal(middle, decoded[[0, 3]])
+    batch = upstream.PyAVVideoReader(path).get_batch([4, 0, 4])
+    assert batch.permute(0, 3, 1, 2).shape == (3, 3, *size)  # decord's torch bridge
+    try:
+        import decord
+
+        reference = decord.VideoReader(str(path), num_threads=1).get_batch([4, 0, 4]).asnumpy()
+    except Exception:  # noqa: BLE001 - decord absent, or one of the sizes it cannot read
+        reference = decoded[[4, 0, 4]]
+    assert np.array_equal(batch.asnumpy(), reference)
+    with pytest.raises(IndexError):
+        upstream.PyAVVideoReader(path).get_batch([5])
+
+
 def test_trusted_torch_load(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(2)}, path)

@@ -164,9 +164,10 @@ def _evaluate_dimension(name, items, store, checkpoint, suite, cache, device, de
             store.add_scores([_row(checkpoint, suite, name, key, error=reason)
                               for key, reason in result.errors.items()])
     _store_aggregate(result, store, checkpoint, suite, [i.key for i in mine])
-    if result.errors and result.status != "failed":
-        result.message = f"{len(result.errors)} video(s) skipped: " + "; ".join(
+    if result.errors:
+        skipped = f"{len(result.errors)} video(s) skipped: " + "; ".join(
             f"{k}: {v}" for k, v in list(result.errors.items())[:3])
+        result.message = f"{result.message}; {skipped}" if result.message else skipped
     return result
 
 

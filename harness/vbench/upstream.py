@@ -16,9 +16,15 @@ the harness bridges the few places where its code meets newer libraries:
 * ``VBENCH_CACHE_DIR``: vbench reads it once, at import, into module globals (``CACHE_DIR``);
   ``use_cache_dir`` sets the variable and those globals, before a dimension's module is imported
   (``compute_function``): the ViCLIP tokenizer looks for its vocabulary there at import time.
-* Video decoding: vbench reads mp4 with ``decord`` (``vbench.utils.load_video``) and OpenCV
-  (``cv2.VideoCapture``) as upstream does; both are real dependencies (decord 0.6.0 ships a
-  ``py3-none-manylinux2010_x86_64`` wheel, so it installs on any CPython 3 on x86-64 Linux).
+* ``decord``: ``vbench.utils`` reads mp4 with ``decord.VideoReader`` (``load_video``,
+  ``read_frames_decord_by_fps``). decord 0.6.0, the last release, fails on frame sizes whose RGB
+  rows need padding (16x16, 48x48, 32x48: "DECORDArrayCopyFromTo: The size must exactly
+  match"; the Shapes world and small test videos hit it) and has wheels for x86-64 only. The
+  harness replaces that one class with ``PyAVVideoReader``, which decodes with PyAV (FFmpeg,
+  like decord) and gives the same frames bit for bit where decord works (checked on 36x64 and
+  64x64 H.264); VBench's own frame selection and transforms are unchanged. decord is then not
+  needed at all: when it is not installed, a stand-in module lets ``vbench.utils`` import.
+  The OpenCV readers of temporal flickering, motion smoothness and dynamic degree are kept.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
+
+from m4v.video_io import VideoDecodeError, probe_video
 
 
 class DimensionUnavailable(RuntimeError):
@@ -87,6 +97,7 @@ def compute_function(dimension: str, cache_dir: str | os.PathLike) -> Callable:
             "(pip install --no-deps vbench==0.1.5, plus its real imports: see the README)"
         )
     install_pkg_resources_shim()
+    install_decord_stand_in()
     use_cache_dir(cache_dir)
     try:
         module = importlib.import_module(f"vbench.{dimension}")
@@ -94,7 +105,72 @@ def compute_function(dimension: str, cache_dir: str | os.PathLike) -> Callable:
         raise DimensionUnavailable(
             f"{dimension}: vbench.{dimension} cannot be imported here: {type(e).__name__}: {e}"
         ) from e
+    sys.modules["vbench.utils"].VideoReader = PyAVVideoReader
     return getattr(module, f"compute_{dimension}")
+
+
+class FrameBatch(torch.Tensor):
+    """A decord batch as vbench uses both of decord's bridges: a ``uint8`` torch tensor
+    ``(t, h, w, 3)`` (the "torch" bridge) that also answers ``asnumpy()`` (the "native" one)."""
+
+    def asnumpy(self) -> np.ndarray:
+        return self.numpy()
+
+
+class PyAVVideoReader:
+    """The part of ``decord.VideoReader`` that vbench uses, decoding with PyAV.
+
+    ``width``/``height`` (vbench's scene dimension asks for 384x384) resize each frame with
+    FFmpeg's bicubic scaler at conversion to RGB.
+    """
+
+    def __init__(self, uri: str | os.PathLike, ctx=None, width: int = -1, height: int = -1,
+                 num_threads: int = 0, **_):
+        self.path = os.fspath(uri)
+        info = probe_video(self.path)  # raises FileNotFoundError / VideoDecodeError
+        self._len, self._fps = info.num_frames, info.fps
+        self._size = ({"width": width, "height": height, "interpolation": "BICUBIC"}
+                      if width and width > 0 and height and height > 0 else {})
+
+    def __len__(self) -> int:
+        return self._len
+
+    def get_avg_fps(self) -> float:
+        return self._fps
+
+    def get_batch(self, indices: Sequence[int]) -> FrameBatch:
+        """Frames ``indices`` (any order, repeats allowed) as ``(len(indices), h, w, 3)``."""
+        wanted = [int(i) for i in indices]
+        if not wanted or min(wanted) < 0 or max(wanted) >= self._len:
+            raise IndexError(f"frame indices {wanted[:5]}...: expected 0 <= i < {self._len}")
+        needed, frames = set(wanted), {}
+        try:
+            with av.open(self.path) as container:
+                for index, frame in enumerate(container.decode(video=0)):
+                    if index in needed:
+                        frames[index] = frame.to_ndarray(format="rgb24", **self._size)
+                    if index >= max(wanted):
+                        break
+        except av.FFmpegError as e:
+            raise VideoDecodeError(f"cannot decode {self.path}: {e}") from e
+        missing = needed - set(frames)
+        if missing:
+            raise VideoDecodeError(f"{self.path}: frames {sorted(missing)[:5]} not decoded")
+        stacked = np.stack([frames[i] for i in wanted])
+        return torch.from_numpy(stacked).as_subclass(FrameBatch)
+
+
+def install_decord_stand_in() -> None:
+    """Register a ``decord`` module for ``vbench.utils`` to import when decord is not installed
+    (its reader is replaced by ``PyAVVideoReader`` right after the import)."""
+    if "decord" in sys.modules or importlib.util.find_spec("decord") is not None:
+        return
+    stand_in = types.ModuleType("decord")
+    stand_in.__doc__ = "m4v harness stand-in: vbench's video reads go through PyAV"
+    stand_in.VideoReader = PyAVVideoReader
+    stand_in.cpu = lambda device_id=0: None
+    stand_in.bridge = types.SimpleNamespace(set_bridge=lambda name: None)
+    sys.modules["decord"] = stand_in
 
 
 def package_file(*parts: str) -> Path:
