@@ -149,19 +149,26 @@ def write_video(
     return write_bytes_atomic(path, encode_video(video, fps, lossless=lossless, crf=crf))
 
 
+def _name(source: Source) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<in-memory video>"
+
+
 def _open(source: Source) -> av.container.InputContainer:
-    if isinstance(source, bytes):
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"video: no such file {os.fspath(source)!r}")
+        source = os.fspath(source)
+    elif isinstance(source, bytes):
         source = io.BytesIO(source)
-    name = source if isinstance(source, (str, os.PathLike)) else "<buffer>"
-    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
-        raise FileNotFoundError(f"video: no such file {os.fspath(source)!r}")
+    else:
+        source.seek(0)
     try:
-        container = av.open(source if not isinstance(source, os.PathLike) else os.fspath(source))
+        container = av.open(source)
     except av.FFmpegError as e:
-        raise VideoDecodeError(f"cannot open video {name}: {e}") from e
+        raise VideoDecodeError(f"cannot open video {_name(source)}: {e}") from e
     if not container.streams.video:
         container.close()
-        raise VideoDecodeError(f"video {name} has no video stream")
+        raise VideoDecodeError(f"video {_name(source)} has no video stream")
     return container
 
 
@@ -192,8 +199,6 @@ def read_video(
             f"start/num_frames/stride: got {start}/{num_frames}/{stride}, "
             "expected start >= 0, num_frames >= 1 or None, stride >= 1"
         )
-    if isinstance(source, io.IOBase):
-        source.seek(0)
     last = None if num_frames is None else start + (num_frames - 1) * stride
     frames: list[np.ndarray] = []
     with _open(source) as container:
@@ -204,13 +209,13 @@ def read_video(
                 if last is not None and index >= last:
                     break
         except av.FFmpegError as e:
-            raise VideoDecodeError(f"cannot decode video: {e}") from e
+            raise VideoDecodeError(f"cannot decode video {_name(source)}: {e}") from e
     if not frames:
-        raise VideoDecodeError("video has no decodable frames in the requested range")
+        raise VideoDecodeError(f"video {_name(source)} has no frames in the requested range")
     if num_frames is not None and len(frames) < num_frames:
         raise VideoDecodeError(
-            f"video has too few frames: asked for {num_frames} from frame {start} with stride "
-            f"{stride}, decoded {len(frames)}"
+            f"video {_name(source)} has too few frames: asked for {num_frames} from frame "
+            f"{start} with stride {stride}, decoded {len(frames)}"
         )
     return np.stack(frames)
 
