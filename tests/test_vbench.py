@@ -273,6 +273,18 @@ def test_missing_weights_are_reported_and_other_dimensions_still_run(videos, tmp
     assert set(_aggregates(store, "m", "custom")) == {"temporal_flickering"}
 
 
+def test_videos_too_small_for_a_dimension_make_it_not_applicable(cache, tmp_path):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    write_video(folder / "small-0.mp4", np.repeat(_texture(2, 32)[None], 4, 0), fps=8)
+    store = Store(tmp_path / "r.duckdb")
+    results = runner.evaluate(suites.folder_items(folder),
+                              ["motion_smoothness", "temporal_flickering"], store, "m", "custom",
+                              cache_dir=cache, device="cpu")
+    assert [r.status for r in results] == ["not applicable", "scored"]
+    assert "32x32 frames; motion_smoothness needs both sides >= 64 px" in results[0].message
+
+
 def test_prompt_information_dimensions_need_the_standard_suite(cache, videos, tmp_path):
     (result,) = runner.evaluate(suites.folder_items(videos), ["appearance_style"],
                                 Store(tmp_path / "r.duckdb"), "m", "custom", cache_dir=cache)
@@ -442,3 +454,55 @@ def test_cli_on_a_folder_of_videos(cache, videos, tmp_path, capsys):
     assert str(db) in out
     assert cli.main(argv) == 0  # the re-run finds everything stored
     assert "up to date" in capsys.readouterr().out
+
+
+def test_cli_standard_suite_folder(cache, videos, tmp_path, capsys):
+    """Videos named after standard-suite prompts are evaluated on the dimensions their prompts
+    serve, with VBench's per-prompt information (appearance style: the expected style)."""
+    folder = tmp_path / "standard"
+    folder.mkdir()
+    shutil.copy(videos / STATIC, folder / "The bund Shanghai, oil painting-0.mp4")
+    shutil.copy(videos / MOVING, folder / "In a still frame, a stop sign-0.mp4")
+    db = tmp_path / "r.duckdb"
+    argv = ["--videos", str(folder), "--suite", "standard", "--cache-dir", str(cache),
+            "--store", str(db), "--device", "cpu", "--dimensions", "temporal_flickering",
+            "appearance_style", "background_consistency"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4718 expected video(s) missing" in out  # 944 prompts x 5 samples - 2
+    scores = Store(db).scores(suite=suites.STANDARD_SUITE, aggregate=False)
+    assert sorted(zip(scores["dimension"], scores["video"], strict=True)) == [
+        ("appearance_style", "The bund Shanghai, oil painting-0.mp4"),
+        ("temporal_flickering", "In a still frame, a stop sign-0.mp4"),
+    ]
+    assert "background_consistency  no videos" in out
+
+
+def test_cli_default_flow_from_a_training_run(tmp_path, capsys):
+    """`nox -s vbench` without arguments: latest checkpoint under runs/ -> Shapes suite videos
+    (m4v.generate) -> Shapes metrics + VBench dimensions -> store -> table; a re-run reuses
+    the videos and the stored scores."""
+    from test_train import MINI
+
+    from m4v.train.__main__ import main as train_main
+
+    runs = tmp_path / "runs"
+    overrides = [f"{k}={json.dumps(v)}" for k, v in MINI.items()]
+    train_main(["--run-dir", str(runs / "mini"), "--steps", "2", "--no-samples",
+                "--set", *overrides])
+    db, out_dir = tmp_path / "r.duckdb", tmp_path / "videos"
+    argv = ["--runs-dir", str(runs), "--samples", "1", "--store", str(db), "--out",
+            str(out_dir), "--device", "cpu", "--dimensions", "temporal_flickering"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert len(list(out_dir.glob("*.mp4"))) == 32  # suites/shapes.yaml: 32 prompts
+    store = Store(db)
+    label = "mini/step_00000002"
+    assert store.table("checkpoints")[["checkpoint", "step"]].values.tolist() == [[label, 2]]
+    stored = _aggregates(store, label, "shapes")
+    assert {"temporal_flickering", "shapes_all", "shapes_colour", "vbench_total"} <= set(stored)
+    assert json.loads(stored["shapes_all"]["detail"])["num_videos"] == 32
+    assert label in out and "shapes colour" in out
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "0 written, 32 already there" in out and "up to date" in out

@@ -73,7 +73,9 @@ class VideoItem:
 @dataclass
 class DimensionResult:
     dimension: str
-    status: str  # "scored" | "up to date" | "unavailable" | "failed" | "no videos"
+    # "scored" | "up to date" | "unavailable" | "failed" | "no videos" | "not applicable" (no
+    # video meets the dimension's frame count or size)
+    status: str
     message: str = ""
     aggregate: float | None = None
     num_videos: int = 0  # videos of the request with a stored score
@@ -138,13 +140,17 @@ def _evaluate_dimension(name, items, store, checkpoint, suite, cache, device, de
             compute = upstream.compute_function(name, cache)
         except upstream.DimensionUnavailable as e:
             return DimensionResult(name, "unavailable", str(e))
-        ready = []
+        ready, ineligible = [], set()
+        _decode_new(todo, decoded, store, checkpoint, suite)
         for item in todo:
-            reason = _check_video(item, dimension, decoded, store, checkpoint, suite)
-            if reason:
-                result.errors[item.key] = reason
-            else:
+            info = decoded[item.key]
+            reason = info if isinstance(info, str) else _ineligible(info, dimension)
+            if reason is None:
                 ready.append(item)
+            else:
+                result.errors[item.key] = reason
+                if not isinstance(info, str):
+                    ineligible.add(item.key)
         if ready:
             args = dims.submodule_args(name, cache)
             try:
@@ -164,34 +170,47 @@ def _evaluate_dimension(name, items, store, checkpoint, suite, cache, device, de
             store.add_scores([_row(checkpoint, suite, name, key, error=reason)
                               for key, reason in result.errors.items()])
     _store_aggregate(result, store, checkpoint, suite, [i.key for i in mine])
+    if result.num_videos == 0 and ineligible and set(result.errors) == ineligible:
+        result.status, result.message = "not applicable", ""
     if result.errors:
-        skipped = f"{len(result.errors)} video(s) skipped: " + "; ".join(
-            f"{k}: {v}" for k, v in list(result.errors.items())[:3])
-        result.message = f"{result.message}; {skipped}" if result.message else skipped
+        result.message = "; ".join(filter(None, [result.message, _skipped(result.errors)]))
     return result
 
 
-def _check_video(item, dimension, decoded, store, checkpoint, suite) -> str | None:
-    """Decode ``item`` once per evaluation (and register it in the store); the reason it cannot
-    be scored on ``dimension``, or None."""
-    if item.key not in decoded:
+def _skipped(errors: dict[str, str]) -> str:
+    """'N video(s) skipped: reason (count, e.g. name); ...' for the three commonest reasons."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in errors.items():
+        by_reason.setdefault(reason, []).append(key)
+    common = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:3]
+    return f"{len(errors)} video(s) skipped: " + "; ".join(
+        f"{reason} ({len(keys)}, e.g. {keys[0]})" for reason, keys in common)
+
+
+def _decode_new(items, decoded, store, checkpoint, suite) -> None:
+    """Decode each item not decoded yet in this evaluation (its info or the reason it cannot be
+    read goes into ``decoded``) and register the readable ones in the store."""
+    rows = []
+    for item in items:
+        if item.key in decoded:
+            continue
         try:
             frames = read_video(item.path)
-            fps = probe_video(item.path).fps
-            decoded[item.key] = _Decoded(len(frames), frames.shape[1], frames.shape[2], fps)
+            info = _Decoded(len(frames), frames.shape[1], frames.shape[2],
+                            probe_video(item.path).fps)
         except (OSError, ValueError) as e:
             decoded[item.key] = f"unreadable video: {type(e).__name__}: {e}"
-        info = decoded[item.key]
-        if isinstance(info, _Decoded):
-            store.add_videos([{
-                "checkpoint": checkpoint, "suite": suite, "video": item.key,
-                "path": str(item.path), "prompt": item.prompt, "sample_index": item.sample_index,
-                "num_frames": info.num_frames, "height": info.height, "width": info.width,
-                "fps": info.fps,
-            }])
-    info = decoded[item.key]
-    if isinstance(info, str):
-        return info
+            continue
+        decoded[item.key] = info
+        rows.append({"checkpoint": checkpoint, "suite": suite, "video": item.key,
+                     "path": str(item.path), "prompt": item.prompt,
+                     "sample_index": item.sample_index, "num_frames": info.num_frames,
+                     "height": info.height, "width": info.width, "fps": info.fps})
+    store.add_videos(rows)
+
+
+def _ineligible(info: _Decoded, dimension: dims.Dimension) -> str | None:
+    """Why a readable video cannot be scored on ``dimension`` (too few or too small frames)."""
     if info.num_frames < dimension.min_frames:
         return f"{info.num_frames} frame(s); {dimension.name} needs at least {dimension.min_frames}"
     if min(info.height, info.width) < dimension.min_side:
