@@ -5,6 +5,9 @@ own default). Nothing is downloaded: fill the cache on a machine with internet a
 listed addresses, then copy it over.
 
     python -m harness.vbench.weights [--cache-dir DIR] [--dimensions d1 d2 ...]
+
+A dimension whose files are all present is also imported (vbench's module for it), so that one
+that cannot run in this environment (a missing dependency) is reported here rather than later.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.vbench import upstream
 from harness.vbench.dimensions import DIMENSIONS, get, missing_weights
 from harness.vbench.scoring import ALL_DIMENSIONS
 
@@ -84,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.dimensions:
         rows = weight_status([name], root)
         state = "ready" if all(r.present for r in rows) else "MISSING WEIGHTS"
+        if state == "ready":
+            try:
+                upstream.compute_function(name, root)
+            except upstream.DimensionUnavailable as e:
+                state = f"weights present, CANNOT RUN HERE: {e}"
         print(f"\n{name}  [{state}]")
         if not rows:
             print("  (no weights needed)")
