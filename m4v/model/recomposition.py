@@ -15,9 +15,13 @@ Either copy alone would drop one direction of the fusion from the text stream; t
 and is what the next layer's prepended copy then carries. Without text re-composition the text
 stream is the prepended copy alone.
 
-The video part of the permutation depends only on the frame sizes and the layer's direction, so it
-is built once (cached) as one index: re-composition is a single ``index_select`` for the video and
-registers plus a per-sample gather for the (short) text.
+Cost. The video part of S (registers + permuted frames, the "middle") depends only on the frame
+sizes and the layer's direction: its indices are built once per (spec, device) and cached on that
+device, so a call never copies an index from the host (a pageable host-to-device copy stalls the
+launch queue). Moving the video is one ``index_select`` each way, and the two directions are each
+other's adjoint, so the backward of one is the forward of the other: a gather, never a scatter-add
+into a zero-filled buffer. The text (at most ``max_text_len`` tokens) goes through plain autograd.
+Raster order without registers needs no gather at all.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from m4v.ops.zigzag import zigzag_orders
 
@@ -68,6 +73,72 @@ def video_scan_index(spec: SequenceSpec) -> tuple[Tensor, Tensor]:
     return forward, inverse
 
 
+@dataclass(frozen=True, eq=False)
+class MiddleIndex:
+    """:func:`video_scan_index` in the form the gathers use, on one device."""
+
+    gather: Tensor  # (Lm,) video token at each middle position (register slots: 0, overwritten)
+    inverse: Tensor  # (Lv,) middle position of each video token
+    registers: Tensor  # (n_registers,) middle positions of the registers
+    identity: bool  # the middle is the video itself (raster order, no registers)
+
+
+@lru_cache(maxsize=256)
+def middle_index(spec: SequenceSpec, device: torch.device) -> MiddleIndex:
+    forward, inverse = video_scan_index(spec)
+    identity = spec.direction is None and not spec.registers
+    return MiddleIndex(
+        gather=(forward - 1).clamp(min=0).to(device),
+        inverse=inverse.to(device),
+        registers=torch.nonzero(forward == 0).squeeze(1).to(device),
+        identity=identity,
+    )
+
+
+def _to_middle(video: Tensor, register: Tensor | None, index: MiddleIndex) -> Tensor:
+    """(b, Lv, d) video [+ (d,) register] -> (b, Lm, d) middle of S."""
+    out = video.index_select(1, index.gather)
+    if register is not None:
+        out[:, index.registers] = register.to(out.dtype)
+    return out
+
+
+def _from_middle(middle: Tensor, index: MiddleIndex) -> Tensor:
+    """(b, Lm, d) middle of S -> (b, Lv, d) video in raster order; registers dropped."""
+    return middle.index_select(1, index.inverse)
+
+
+class _VideoToMiddle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, video: Tensor, register: Tensor | None, index: MiddleIndex) -> Tensor:
+        ctx.index = index
+        ctx.register_dtype = None if register is None else register.dtype
+        return _to_middle(video, register, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        index = ctx.index
+        grad_register = None
+        if ctx.register_dtype is not None and ctx.needs_input_grad[1]:
+            grad_register = grad[:, index.registers].sum((0, 1)).to(ctx.register_dtype)
+        return _from_middle(grad, index), grad_register, None
+
+
+class _MiddleToVideo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, middle: Tensor, index: MiddleIndex) -> Tensor:
+        ctx.index = index
+        return _from_middle(middle, index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        grad_middle = _to_middle(grad, None, ctx.index)
+        grad_middle[:, ctx.index.registers] = 0  # registers are dropped: no gradient
+        return grad_middle, None
+
+
 def text_orders(text_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample permutations of the text slots: (left-padded order, right-padded order).
 
@@ -97,19 +168,19 @@ def recompose(text: Tensor, text_mask: Tensor, video: Tensor, register: Tensor |
     """Build S.
 
     Args:
-        text: (b, Lt, d); text_mask: (b, Lt) bool; video: (b, Lv, d);
-        register: (d,) learnable register (required when ``spec.registers``).
+        text: (b, Lt, d); text_mask: (b, Lt) bool (any device; moved to the text's);
+        video: (b, Lv, d); register: (d,) learnable register (required when ``spec.registers``).
     Returns:
         (b, Lt + Lm [+ Lt], d) with Lm = Lv (+ number of frames when registers are on).
     """
-    b, _, d = video.shape
-    forward, _ = video_scan_index(spec)
-    forward = forward.to(video.device)
-    if spec.registers:
-        src = torch.cat([register.to(video.dtype).expand(b, 1, d), video], dim=1)
-    else:  # index entries are 1-based: put a placeholder that is never selected in slot 0
-        src = torch.cat([video[:, :1], video], dim=1)
-    middle = src.index_select(1, forward)
+    if spec.registers and register is None:
+        raise ValueError("register: got None, expected a (d,) tensor since spec.registers is on")
+    index = middle_index(spec, video.device)
+    if index.identity:
+        middle = video
+    else:
+        middle = _VideoToMiddle.apply(video, register if spec.registers else None, index)
+    text_mask = text_mask.to(text.device)
     text = text * text_mask[..., None].to(text.dtype)
     left, right = text_orders(text_mask)
     parts = [_gather_tokens(text, left), middle]
@@ -127,11 +198,16 @@ def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tenso
         text (b, Lt, d) in the text stream's slot order, video (b, Lv, d) frames in raster order.
     """
     lt = text_mask.shape[1]
-    _, inverse = video_scan_index(spec)
-    left, right = text_orders(text_mask)
-    pre = _scatter_tokens(seq[:, :lt], left)
-    video = seq[:, lt:].index_select(1, inverse.to(seq.device))
+    index = middle_index(spec, seq.device)
+    sizes = [lt, index.gather.shape[0]] + ([lt] if spec.text_recomposition else [])
+    if seq.shape[1] != sum(sizes):
+        raise ValueError(f"seq: got length {seq.shape[1]}, expected {sum(sizes)} for this spec "
+                         f"and {lt} text slots")
+    # split (not slicing): its backward is one concatenation, not a zero-filled copy per slice
+    pieces = seq.split(sizes, dim=1)
+    video = pieces[1] if index.identity else _MiddleToVideo.apply(pieces[1], index)
+    left, right = text_orders(text_mask.to(seq.device))
+    pre = _scatter_tokens(pieces[0], left)
     if spec.text_recomposition:
-        app = _scatter_tokens(seq[:, seq.shape[1] - lt:], right)
-        return 0.5 * (pre + app), video
+        return 0.5 * (pre + _scatter_tokens(pieces[2], right)), video
     return pre, video
