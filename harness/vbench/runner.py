@@ -135,12 +135,13 @@ def _evaluate_dimension(name, items, store, checkpoint, suite, cache, device, de
     done = store.scored_videos(checkpoint, suite, name)
     todo = [i for i in mine if i.key not in done]
     result = DimensionResult(name, "up to date" if not todo else "scored")
+    ineligible: set[str] = set()  # readable videos with too few or too small frames
     if todo:
         try:
             compute = upstream.compute_function(name, cache)
         except upstream.DimensionUnavailable as e:
             return DimensionResult(name, "unavailable", str(e))
-        ready, ineligible = [], set()
+        ready = []
         _decode_new(todo, decoded, store, checkpoint, suite)
         for item in todo:
             info = decoded[item.key]
@@ -152,23 +153,20 @@ def _evaluate_dimension(name, items, store, checkpoint, suite, cache, device, de
                 if not isinstance(info, str):
                     ineligible.add(item.key)
         if ready:
-            args = dims.submodule_args(name, cache)
             try:
-                values, failures = _score(compute, name, ready, args, device)
+                values, failures = _score(compute, name, ready, dims.submodule_args(name, cache),
+                                          device)
             except _DimensionFailure as e:
                 result.status, result.message = "failed", str(e)
                 values, failures = {}, {}
             result.errors.update(failures)
             result.scored = values
-            rows = [_row(checkpoint, suite, name, i.key, value=values[i.key],
-                         weight=_weight(dimension, decoded[i.key]))
-                    for i in ready if i.key in values]
-            rows += [_row(checkpoint, suite, name, key, error=reason)
-                     for key, reason in result.errors.items()]
-            store.add_scores(rows)
-        else:
-            store.add_scores([_row(checkpoint, suite, name, key, error=reason)
-                              for key, reason in result.errors.items()])
+        rows = [_row(checkpoint, suite, name, key, value=value,
+                     weight=_weight(dimension, decoded[key]))
+                for key, value in result.scored.items()]
+        rows += [_row(checkpoint, suite, name, key, error=reason)
+                 for key, reason in result.errors.items()]
+        store.add_scores(rows)
     _store_aggregate(result, store, checkpoint, suite, [i.key for i in mine])
     if result.num_videos == 0 and ineligible and set(result.errors) == ineligible:
         result.status, result.message = "not applicable", ""
