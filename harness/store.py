@@ -257,11 +257,13 @@ class Store:
 
     # -- generic writes ----------------------------------------------------------------------
 
-    def write(self, table: str, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> int:
-        """Insert or replace ``rows`` (dicts of column -> value) in ``table`` in one transaction.
+    def write(self, table: str, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+              replace: bool = True) -> int:
+        """Insert ``rows`` (dicts of column -> value) in ``table`` in one transaction; a row whose
+        key is stored already replaces it (``replace=False``: leaves it as it is).
 
         Missing columns are NULL; provenance columns are filled in unless given. Rows repeating a
-        key keep the last one. Returns the number of rows written.
+        key keep the last one. Returns the number of rows given (after that de-duplication).
         """
         if table not in SCHEMA:
             raise ValueError(f"table: got {table!r}, expected one of {sorted(SCHEMA)}")
@@ -295,7 +297,8 @@ class Store:
             for start in range(0, len(values), _ROWS_PER_STATEMENT):
                 chunk = values[start : start + _ROWS_PER_STATEMENT]
                 con.execute(
-                    f"INSERT OR REPLACE INTO {table} ({', '.join(names)}) VALUES "
+                    f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO {table} "
+                    f"({', '.join(names)}) VALUES "
                     + ", ".join([placeholders] * len(chunk)),
                     [v for row in chunk for v in row],
                 )
@@ -304,14 +307,15 @@ class Store:
     # -- typed writers -----------------------------------------------------------------------
 
     def add_run(self, run: str, kind: str = "train", config: Mapping | None = None,
-                seed: int | None = None, status: str = "started") -> None:
+                seed: int | None = None, status: str = "started", replace: bool = True) -> None:
         self.write("runs", {"run": run, "kind": kind, "config": config, "seed": seed,
-                            "status": status})
+                            "status": status}, replace=replace)
 
     def add_checkpoint(self, checkpoint: str, run: str | None = None, step: int | None = None,
-                       path: str | None = None, metrics: Mapping | None = None) -> None:
+                       path: str | None = None, metrics: Mapping | None = None,
+                       replace: bool = True) -> None:
         self.write("checkpoints", {"checkpoint": checkpoint, "run": run, "step": step,
-                                   "path": path, "metrics": metrics})
+                                   "path": path, "metrics": metrics}, replace=replace)
 
     def log_train_metrics(self, run: str, step: int, metrics: Mapping[str, float],
                           wall_time: float | None = None) -> int:

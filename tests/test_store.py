@@ -73,6 +73,11 @@ def test_scores_are_idempotent_and_has_score(tmp_path):
     assert not store.has_score("run/step_1", "shapes", "temporal_flickering", "c-0.mp4")
     assert store.scored_videos("run/step_1", "shapes", "temporal_flickering") == {
         "a-0.mp4", "b-0.mp4"}
+    # replace=False keeps the stored row
+    store.add_scores([_score("a-0.mp4", 0.5)])
+    store.write("scores", [_score("a-0.mp4", 0.1)], replace=False)
+    assert store.has_score("run/step_1", "shapes", "temporal_flickering", "a-0.mp4")
+    assert store.records("SELECT value FROM scores WHERE video = 'a-0.mp4'") == [{"value": 0.5}]
     # last row wins within one batch, as it would across batches
     store.add_scores([_score("d-0.mp4", 0.1), _score("d-0.mp4", 0.2)])
     assert store.records("SELECT value FROM scores WHERE video = 'd-0.mp4'") == [{"value": 0.2}]

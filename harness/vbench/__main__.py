@@ -69,8 +69,10 @@ def _from_checkpoint(args, store: Store) -> Inputs:
     info = read_checkpoint_info(path)
     run = path.parent.parent.name
     label = args.name or f"{run}/{path.name}"
-    store.add_run(run, kind="train")
-    store.add_checkpoint(label, run=run, step=info.step, path=str(path.resolve()))
+    # registered unless the trainer did already (its row has more: config, metrics)
+    store.add_run(run, kind="train", status=None, replace=False)
+    store.add_checkpoint(label, run=run, step=info.step, path=str(path.resolve()),
+                         replace=False)
     entries, suite, samples, shapes_prompts = _suite_entries(args)
     out = Path(args.out or Path("reports") / "videos" / _slug(run) / path.name / suite)
     print(f"checkpoint {path} (step {info.step}) -> {len(entries)} prompts x {samples} samples "
