@@ -109,9 +109,9 @@ def write_raft(cache: Path) -> Path:
 
 def write_all(cache: str | os.PathLike) -> dict[str, Path]:
     """Every weight file of the seven tested dimensions; returns relative path -> file."""
-    from harness.vbench.upstream import install_pkg_resources_shim
+    from harness.vbench.upstream import prepare_vbench
 
-    install_pkg_resources_shim()  # clip.model imports clip, whose __init__ needs it
+    prepare_vbench()  # clip's __init__ needs pkg_resources; vbench's needs decord or a stand-in
     cache = Path(cache)
     written = [
         write_clip(cache, dims.CLIP_B32, embed_dim=512),

@@ -96,17 +96,23 @@ def compute_function(dimension: str, cache_dir: str | os.PathLike) -> Callable:
             f"{dimension}: the vbench package is not installed "
             "(pip install --no-deps vbench==0.1.5, plus its real imports: see the README)"
         )
-    install_pkg_resources_shim()
-    install_decord_stand_in()
     use_cache_dir(cache_dir)
     try:
+        prepare_vbench()
         module = importlib.import_module(f"vbench.{dimension}")
     except Exception as e:  # noqa: BLE001 - any import failure makes the dimension unavailable
         raise DimensionUnavailable(
             f"{dimension}: vbench.{dimension} cannot be imported here: {type(e).__name__}: {e}"
         ) from e
-    sys.modules["vbench.utils"].VideoReader = PyAVVideoReader
     return getattr(module, f"compute_{dimension}")
+
+
+def prepare_vbench() -> None:
+    """Import ``vbench.utils`` with the shims above and its video reader replaced (idempotent)."""
+    install_pkg_resources_shim()
+    install_decord_stand_in()
+    utils = importlib.import_module("vbench.utils")
+    utils.VideoReader = PyAVVideoReader
 
 
 class FrameBatch(torch.Tensor):
