@@ -119,5 +119,6 @@ class M4V(nn.Module):
             raise ValueError(f"pooled: got shape {tuple(pooled.shape)}, expected "
                              f"({b}, {cfg.pooled_dim})")
         p = cfg.patch_size
-        sizes = tuple((f.shape[2] // p, f.shape[3] // p) for f in frames)
+        # int(): under TorchScript tracing shapes are tensors; the layout must stay plain ints
+        sizes = tuple((int(f.shape[2]) // p, int(f.shape[3]) // p) for f in frames)
         return ClipLayout(cfg.max_text_len, sizes, tuple(ids))

@@ -95,48 +95,57 @@ def middle_index(spec: SequenceSpec, device: torch.device) -> MiddleIndex:
     )
 
 
-def _to_middle(video: Tensor, register: Tensor | None, index: MiddleIndex) -> Tensor:
+def _to_middle(video: Tensor, register: Tensor | None, gather: Tensor, registers: Tensor) -> Tensor:
     """(b, Lv, d) video [+ (d,) register] -> (b, Lm, d) middle of S."""
-    out = video.index_select(1, index.gather)
+    out = video.index_select(1, gather)
     if register is not None:
-        out[:, index.registers] = register.to(out.dtype)
+        out[:, registers] = register.to(out.dtype)
     return out
 
 
-def _from_middle(middle: Tensor, index: MiddleIndex) -> Tensor:
-    """(b, Lm, d) middle of S -> (b, Lv, d) video in raster order; registers dropped."""
-    return middle.index_select(1, index.inverse)
-
-
 class _VideoToMiddle(torch.autograd.Function):
+    # Index tensors are arguments (not a MiddleIndex) so that TorchScript can trace the call.
     @staticmethod
-    def forward(ctx, video: Tensor, register: Tensor | None, index: MiddleIndex) -> Tensor:
-        ctx.index = index
+    def forward(ctx, video, register, gather, inverse, registers):
+        ctx.save_for_backward(inverse, registers)
         ctx.register_dtype = None if register is None else register.dtype
-        return _to_middle(video, register, index)
+        return _to_middle(video, register, gather, registers)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        index = ctx.index
+        inverse, registers = ctx.saved_tensors
         grad_register = None
         if ctx.register_dtype is not None and ctx.needs_input_grad[1]:
-            grad_register = grad[:, index.registers].sum((0, 1)).to(ctx.register_dtype)
-        return _from_middle(grad, index), grad_register, None
+            grad_register = grad[:, registers].sum((0, 1)).to(ctx.register_dtype)
+        return grad.index_select(1, inverse), grad_register, None, None, None
 
 
 class _MiddleToVideo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, middle: Tensor, index: MiddleIndex) -> Tensor:
-        ctx.index = index
-        return _from_middle(middle, index)
+    def forward(ctx, middle, gather, inverse, registers):
+        ctx.save_for_backward(gather, registers)
+        return middle.index_select(1, inverse)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        grad_middle = _to_middle(grad, None, ctx.index)
-        grad_middle[:, ctx.index.registers] = 0  # registers are dropped: no gradient
-        return grad_middle, None
+        gather, registers = ctx.saved_tensors
+        grad_middle = _to_middle(grad, None, gather, registers)
+        grad_middle[:, registers] = 0  # registers are dropped: no gradient
+        return grad_middle, None, None, None
+
+
+def video_to_middle(video: Tensor, register: Tensor | None, index: MiddleIndex) -> Tensor:
+    if not torch.is_grad_enabled():
+        return _to_middle(video, register, index.gather, index.registers)
+    return _VideoToMiddle.apply(video, register, index.gather, index.inverse, index.registers)
+
+
+def middle_to_video(middle: Tensor, index: MiddleIndex) -> Tensor:
+    if not torch.is_grad_enabled():
+        return middle.index_select(1, index.inverse)
+    return _MiddleToVideo.apply(middle, index.gather, index.inverse, index.registers)
 
 
 def text_orders(text_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,7 +188,7 @@ def recompose(text: Tensor, text_mask: Tensor, video: Tensor, register: Tensor |
     if index.identity:
         middle = video
     else:
-        middle = _VideoToMiddle.apply(video, register if spec.registers else None, index)
+        middle = video_to_middle(video, register if spec.registers else None, index)
     text_mask = text_mask.to(text.device)
     text = text * text_mask[..., None].to(text.dtype)
     left, right = text_orders(text_mask)
@@ -205,7 +214,7 @@ def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tenso
                          f"and {lt} text slots")
     # split (not slicing): its backward is one concatenation, not a zero-filled copy per slice
     pieces = seq.split(sizes, dim=1)
-    video = pieces[1] if index.identity else _MiddleToVideo.apply(pieces[1], index)
+    video = pieces[1] if index.identity else middle_to_video(pieces[1], index)
     left, right = text_orders(text_mask.to(seq.device))
     pre = _scatter_tokens(pieces[0], left)
     if spec.text_recomposition:
