@@ -18,8 +18,8 @@ the bias, ``D * u`` and the ``silu(z)`` gate are fused.
 Backward: the forward saves the state at the start of every tile, ``(b, tiles, d, n)`` float32
 (1/``BLOCK_L`` of the state trajectory). The backward walks the tiles in reverse; per tile it
 recomputes h inside the tile from the saved start state and runs the adjoint recurrence
-``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as a reversed associative scan (a_{t+1} comes from the delta
-tile loaded one step later). From h and g:
+``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as an associative scan over the time-reversed tile (a_{t+1}
+comes from the delta tile loaded one step later). From h and g:
 
     ddt_t  = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1},   with a_t h_{t-1} = h_t - dt_t u_t B_t
     du_t   = dt_t sum_n g_t B_t + D dy_t
@@ -102,16 +102,17 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
-def _column(x, onehot):
-    """x[:, j] of a (BLOCK_D, BLOCK_L) tile, where onehot (BLOCK_L,) is 1 at j and 0 elsewhere."""
-    return tl.sum(x * onehot[None, :], axis=1)
+def _column(x, at):
+    """x[:, j] of a (BLOCK_D, BLOCK_L) tile; ``at`` (1, BLOCK_L) is True at column j only. A
+    select (not a product with a one-hot) so the compiler drops the registers known to be off."""
+    return tl.sum(tl.where(at, x, 0.0), axis=1)
 
 
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr,
-    dim, length, n_tiles,
+    dim, length, bc_len, n_tiles,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr,
@@ -121,9 +122,10 @@ def _scan_fwd_kernel(
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < dim
     cols = tl.arange(0, BLOCK_L)
-    last_col = (cols == BLOCK_L - 1).to(tl.float32)
+    first = (cols == 0)[None, :]
+    last = (cols == BLOCK_L - 1)[None, :]
     row_base = (pid_b * dim + rows).to(tl.int64) * length  # (BLOCK_D,) offsets of each row
-    bc_base = pid_b.to(tl.int64) * N * length
+    bc_base = pid_b.to(tl.int64) * N * bc_len
 
     # A pre-scaled by log2(e): exp(dt A) = exp2(dt A log2 e)
     A2 = ()
@@ -155,14 +157,16 @@ def _scan_fwd_kernel(
         y = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
         new_hs = ()
         for n in tl.static_range(N):
-            Bn = tl.load(B_ptr + bc_base + n * length + steps, mask=step_ok, other=0.0)
-            Cn = tl.load(C_ptr + bc_base + n * length + steps, mask=step_ok, other=0.0)
+            # B, C: fp32, zero-padded to whole tiles (no masks, no conversions)
+            Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
+            Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
             a = tl.exp2(dt * A2[n][:, None])
-            x = dtu * Bn.to(tl.float32)[None, :]
-            decay, h = tl.associative_scan((a, x), 1, _affine_combine)
-            h += decay * hs[n][:, None]
-            y += h * Cn.to(tl.float32)[None, :]
-            new_hs += (_column(h, last_col),)
+            x = dtu * Bn[None, :]
+            # the carried state enters through the first step: x_0 += a_0 h_in
+            x = tl.where(first, x + a * hs[n][:, None], x)
+            _, h = tl.associative_scan((a, x), 1, _affine_combine)
+            y += h * Cn[None, :]
+            new_hs += (_column(h, last),)
         hs = new_hs
 
         if HAS_D:
@@ -182,7 +186,7 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     dout_ptr, dlast_ptr, states_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    batch, dim, length, n_tiles,
+    batch, dim, length, bc_len, n_tiles,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr,
@@ -192,9 +196,11 @@ def _scan_bwd_kernel(
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < dim
     cols = tl.arange(0, BLOCK_L)
-    first_col = (cols == 0).to(tl.float32)
+    first = (cols == 0)[None, :]
+    last = (cols == BLOCK_L - 1)[None, :]
+    rev = BLOCK_L - 1 - cols
     row_base = (pid_b * dim + rows).to(tl.int64) * length
-    bc_base = pid_b.to(tl.int64) * N * length
+    bc_base = pid_b.to(tl.int64) * N * bc_len
     # this program's slice of the (d-blocks, b, n, l) partial sums of dB and dC
     part_base = (pid_d * batch + pid_b).to(tl.int64) * N * length
 
@@ -247,6 +253,8 @@ def _scan_bwd_kernel(
         else:
             dy = dout
         dtu = dt * u
+        dt_next_rev = tl.flip(dt_next, 1)
+        dy_rev = tl.flip(dy, 1)
 
         st_base = ((pid_b * n_tiles + tile) * dim + rows).to(tl.int64) * N
         y = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
@@ -255,24 +263,26 @@ def _scan_bwd_kernel(
         new_gs = ()
         new_dA = ()
         for n in tl.static_range(N):
-            Bn = tl.load(B_ptr + bc_base + n * length + steps, mask=step_ok, other=0.0)
-            Cn = tl.load(C_ptr + bc_base + n * length + steps, mask=step_ok, other=0.0)
-            Bn = Bn.to(tl.float32)[None, :]
-            Cn = Cn.to(tl.float32)[None, :]
+            Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)[None, :]
+            Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)[None, :]
             h0 = tl.load(states_ptr + st_base + n, mask=row_ok, other=0.0)
             # forward states inside the tile
             x = dtu * Bn
-            decay, h = tl.associative_scan((tl.exp2(dt * A2[n][:, None]), x), 1, _affine_combine)
-            h += decay * h0[:, None]
+            a = tl.exp2(dt * A2[n][:, None])
+            _, h = tl.associative_scan((a, tl.where(first, x + a * h0[:, None], x)), 1,
+                                       _affine_combine)
             if HAS_Z:
                 y += h * Cn
             # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}
-            a_next = tl.exp2(dt_next * A2[n][:, None])
-            decay_r, g = tl.associative_scan(
-                (a_next, dy * Cn), 1, _affine_combine, reverse=True
-            )
-            g += decay_r * gs[n][:, None]
-            new_gs += (_column(g, first_col),)
+            # adjoint in time-reversed order, where it is a forward scan: Triton's reversed scan
+            # flips every operand and result through shuffles, one flip of g is cheaper
+            a_next = tl.exp2(dt_next_rev * A2[n][:, None])
+            c = dy_rev * tl.load(C_ptr + bc_base + n * bc_len + tile * BLOCK_L + rev)[None, :]
+            # the adjoint entering from the right joins at the tile's last step: register 0
+            c = tl.where(first, c + a_next * gs[n][:, None], c)
+            _, g = tl.associative_scan((a_next, c), 1, _affine_combine)
+            new_gs += (_column(g, last),)  # g at the tile's first step
+            g = tl.flip(g, 1)
 
             gah = g * (h - x)  # g_t a_t h_{t-1}
             gAh += gah * (A2[n] * LN2)[:, None]
@@ -349,6 +359,14 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
     return b, d, length, n
 
 
+def _padded_f32(t: Tensor, length: int) -> Tensor:
+    """(b, n, l) -> (b, n, length) float32, zero beyond l: the kernels read whole tiles of B and
+    C unmasked and unconverted (B, C are d times smaller than u, so this copy is cheap)."""
+    out = t.new_zeros(*t.shape[:-1], length, dtype=torch.float32)
+    out[..., : t.shape[-1]] = t
+    return out
+
+
 def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
     """Kernels take a pointer even for absent inputs (never dereferenced)."""
     return t.contiguous() if t is not None else fallback
@@ -359,8 +377,10 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
     """Launch the forward kernel. Returns (out (b, d, l) in u's dtype, last_state (b, d, n) fp32,
     states (b, tiles, d, n) fp32 or None)."""
     (b, d, length), n = u.shape, A.shape[1]
-    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+    u, delta, A = (t.contiguous() for t in (u, delta, A))
     n_tiles = triton.cdiv(length, config.block_l)
+    bc_len = n_tiles * config.block_l
+    B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     out = torch.empty_like(u)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     states = (torch.empty(b, n_tiles, d, n, device=u.device, dtype=torch.float32)
@@ -369,7 +389,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
         out, last, states,
-        d, length, n_tiles,
+        d, length, bc_len, n_tiles,
         N=n, BLOCK_D=config.fwd_block_d, BLOCK_L=config.block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), SAVE_STATES=save_states,
@@ -383,8 +403,10 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     """Launch the backward kernel. Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in
     its input's dtype (None for absent optional inputs)."""
     (b, d, length), n = u.shape, A.shape[1]
-    u, delta, A, B, C, dout = (t.contiguous() for t in (u, delta, A, B, C, dout))
+    u, delta, A, dout = (t.contiguous() for t in (u, delta, A, dout))
     n_tiles = triton.cdiv(length, config.block_l)
+    bc_len = n_tiles * config.block_l
+    B32, C32 = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     if states.shape[1] != n_tiles:
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
     d_blocks = triton.cdiv(d, config.bwd_block_d)
@@ -398,11 +420,11 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     dB_part = torch.empty(d_blocks, b, n, length, **f32)
     dC_part = torch.empty(d_blocks, b, n, length, **f32)
     _scan_bwd_kernel[(d_blocks, b)](
-        u, delta, A, B, C, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
+        u, delta, A, B32, C32, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
         dout, _optional(dlast, states), states,
         du, ddelta, _optional(dz, du), dA_part, _optional(dD_part, dA_part),
         _optional(dbias_part, dA_part), dB_part, dC_part,
-        b, d, length, n_tiles,
+        b, d, length, bc_len, n_tiles,
         N=n, BLOCK_D=config.bwd_block_d, BLOCK_L=config.block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None,
