@@ -120,8 +120,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"checkpoint: {path} does not exist")
     if is_complete(path):
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = CheckpointManager(root.parent if root.name == "checkpoints" else root).latest()
+    found = CheckpointManager(path.parent if path.name == "checkpoints" else path).latest()
     if found is None:
         raise CheckpointError(
             f"checkpoint: no complete checkpoint under {path} (expected a run folder with "

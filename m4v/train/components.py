@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,22 +37,28 @@ def text_encoder_trainable(cfg: TrainConfig) -> bool:
 
 
 def build_text_encoder(cfg: TrainConfig) -> nn.Module:
-    """The text encoder named by ``cfg.text``, producing ``model.text_dim`` / ``pooled_dim``."""
-    from m4v import text as m4v_text
+    """The text encoder named by ``cfg.text``; its widths must be the model's text/pooled dims."""
+    from m4v.text import BuiltinTextEncoder, CachedTextEncoder, PretrainedTextEncoder
 
     t, m = cfg.text, cfg.model
     if t.kind == "builtin":
-        return m4v_text.BuiltinTextEncoder(
-            text_dim=m.text_dim, pooled_dim=m.pooled_dim, max_length=m.max_text_len,
-            num_layers=t.builtin_layers, num_heads=t.builtin_heads,
-        )
+        return BuiltinTextEncoder(width=m.text_dim, max_len=m.max_text_len,
+                                  pooled_dim=m.pooled_dim, layers=t.builtin_layers,
+                                  heads=t.builtin_heads)
     for name in ("t5_path", "clip_path"):
-        path = getattr(t, name)
-        if not path or not Path(path).is_dir():
-            raise ValueError(f"text.{name}: got {path!r}, expected a local folder with the "
-                             "pretrained weights (nothing is downloaded)")
-    encoder = m4v_text.T5CLIPTextEncoder(t.t5_path, t.clip_path, max_length=m.max_text_len)
-    return encoder.eval().requires_grad_(False)
+        if not getattr(t, name):
+            raise ValueError(f"text.{name}: got nothing, expected a local folder with the "
+                             f"pretrained weights (set it with --set text.{name}=...)")
+    encoder = PretrainedTextEncoder(
+        t.t5_path, t.clip_path, max_len=m.max_text_len, t5_tokenizer_dir=t.t5_tokenizer_path,
+        clip_tokenizer_dir=t.clip_tokenizer_path, dtype=getattr(torch, t.dtype))
+    if (encoder.text_dim, encoder.pooled_dim) != (m.text_dim, m.pooled_dim):
+        raise ValueError(
+            f"model.text_dim / model.pooled_dim: got {m.text_dim} / {m.pooled_dim}, expected "
+            f"{encoder.text_dim} / {encoder.pooled_dim} (the widths of the text encoders in "
+            f"{t.t5_path} and {t.clip_path}); set the model's dims to match"
+        )
+    return CachedTextEncoder(encoder, t.cache) if t.cache else encoder
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:

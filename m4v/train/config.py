@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,14 +49,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The text encoder: ``builtin`` (small transformer trained with the model) or pretrained
-    encoders loaded from local folders (``t5`` for tokens, ``clip`` for the pooled vector)."""
+    """The text encoder (:mod:`m4v.text`).
 
-    kind: Literal["builtin", "t5_clip"] = "builtin"
-    t5_path: str | None = None
-    clip_path: str | None = None
+    ``builtin``: a small transformer over open_clip's packaged BPE, trained with the model (its
+    weights live in the checkpoint); its width is ``model.text_dim``. ``pretrained``: frozen T5
+    tokens + CLIP pooled vector from local transformers folders (nothing is downloaded); with
+    ``cache`` set, embeddings are cached on disk there so every caption is encoded once.
+    """
+
+    kind: Literal["builtin", "pretrained"] = "builtin"
     builtin_layers: int = 2
     builtin_heads: int = 4
+    t5_path: str | None = None
+    clip_path: str | None = None
+    t5_tokenizer_path: str | None = None
+    clip_tokenizer_path: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # pretrained encoders' weights
+    cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,22 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same config with every local path made absolute (codec folder, data, pretrained
+        text encoders, embedding cache): a checkpoint then works from any working directory."""
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+        kind, sep, arg = self.codec.partition(":")
+        codec = f"{kind}:{absolute(arg)}" if sep and kind != "pixel" and arg else self.codec
+        t, d = self.text, self.data
+        text = dataclasses.replace(t, **{k: absolute(getattr(t, k)) for k in (
+            "t5_path", "clip_path", "t5_tokenizer_path", "clip_tokenizer_path", "cache")})
+        data = dataclasses.replace(d, path=absolute(d.path) if d.kind != "shapes" else d.path,
+                                   index=absolute(d.index))
+        return dataclasses.replace(self, codec=codec, text=text, data=data)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -183,7 +209,7 @@ def _gpu(preset: str, batch_size: int, lr: float) -> TrainConfig:
     model = M4VConfig.preset(preset)
     return TrainConfig(
         preset=preset, model=model, codec="causal3d:runs/vae/vae",
-        text=TextConfig(kind="t5_clip"), data=DataConfig(kind="webdataset"),
+        text=TextConfig(kind="pretrained"), data=DataConfig(kind="webdataset"),
         num_frames=121, resolution=(384, 640), steps=100_000, batch_size=batch_size, lr=lr,
         warmup_steps=1000, weight_decay=1e-4, save_every=1000, log_every=20,
     )

@@ -94,17 +94,37 @@ def resolve_run_config(run_dir: str | os.PathLike, preset: str | None,
 
     A new run starts from ``preset`` (default ``tiny``). A run with a checkpoint starts from the
     checkpoint's own configuration unless ``preset`` is given explicitly; either way the
-    ``overrides`` are applied and the result must be resumable from the checkpoint
-    (:func:`m4v.train.checkpoint.check_resume_config` raises otherwise).
+    ``overrides`` are applied, local paths made absolute, and the result must be resumable from
+    the checkpoint (:func:`m4v.train.checkpoint.check_resume_config` raises otherwise).
     """
     latest = CheckpointManager(run_dir).latest()
     if latest is None:
-        return apply_overrides(TrainConfig.preset_config(preset or "tiny"), overrides), None
+        base = TrainConfig.preset_config(preset or "tiny")
+        return apply_overrides(base, overrides).with_absolute_paths(), None
     stored = read_checkpoint_info(latest).config
     base = TrainConfig.preset_config(preset) if preset else stored
-    cfg = apply_overrides(base, overrides)
+    cfg = apply_overrides(base, overrides).with_absolute_paths()
     check_resume_config(stored, cfg, latest)
     return cfg, latest
+
+
+def check_fsdp_call_pattern(cfg: TrainConfig, world_size: int) -> None:
+    """FSDP2 gathers each block's parameters on every forward call, so all ranks must call the
+    model equally often. The flow loss makes one call per (stage, frame) group of its batch:
+    that count is the same everywhere only when each stage's share of the per-rank batch is a
+    whole number (no randomly placed leftovers) and one frame index is drawn per batch."""
+    local = cfg.batch_size // world_size
+    ratios = cfg.flow.stage_ratios
+    shares = [local * r / sum(ratios) for r in ratios]
+    if cfg.flow.frame_sampling != "batch" or not all(s.is_integer() for s in shares):
+        raise ValueError(
+            f"parallel=fsdp: got per-rank batch {local} (batch_size {cfg.batch_size} / "
+            f"{world_size} ranks), flow.stage_ratios {ratios}, flow.frame_sampling "
+            f"{cfg.flow.frame_sampling!r}; expected frame_sampling 'batch' and a per-rank batch "
+            f"whose stage shares are whole numbers (a multiple of {sum(ratios):g} for these "
+            "ratios), so that every rank makes the same number of model calls (FSDP2 gathers "
+            "parameters in each call; unequal counts deadlock). Or use parallel=ddp."
+        )
 
 
 def _precision_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -184,6 +204,8 @@ class Trainer:
             checkpointing = self.device.type == "cuda"
         _set_activation_checkpointing(module, checkpointing)
         self.parallel = resolve_parallel(cfg.parallel, info)
+        if self.parallel == "fsdp" and cfg.stage == "t2v":
+            check_fsdp_call_pattern(cfg, info.world_size)
         self.module = wrap(module, self.parallel, info, self.bf16)
         self.params = [p for p in unwrap(self.module).parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas,
