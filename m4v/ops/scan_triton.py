@@ -337,8 +337,6 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
             raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
-    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the triton scan needs CUDA tensors, got u on {u.device}")
     if u.dim() != 3:
         raise ValueError(f"u must be (b, d, l), got shape {tuple(u.shape)}")
     b, d, length = u.shape
@@ -356,6 +354,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if length < 1:
         raise ValueError(f"sequence length must be >= 1, got {length}")
+    # the Triton interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors, for debugging
+    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton scan needs CUDA tensors, got u on {u.device}")
     return b, d, length, n
 
 

@@ -1,0 +1,241 @@
+"""GPU speed of the selective scan: our Triton kernel against mamba-ssm's CUDA kernel (the anchor).
+
+Setting of the M4V-2B scan (DESIGN.md section 11): b = 1, d = 3840, d_state = 16, bfloat16, with
+z gating, D, delta_bias and softplus; L = 4k, 16k and 64k tokens. For each length and backend:
+forward time (under no_grad, as in inference), forward+backward time (autograd.grad of all
+inputs), the forward's effective bandwidth (the fewest bytes it must move: u, delta, z read, out
+written, B and C read, over its time) and the speed-up over mamba-ssm measured in the same run.
+Outputs and gradients of the Triton kernel are compared with mamba-ssm's at every length.
+``--sweep`` first times a few tile configurations of the Triton kernel at 16k and uses the best.
+
+    python benchmarks/scan_gpu.py                       # writes reports/benchmarks/scan_gpu.json
+    python benchmarks/scan_gpu.py --sweep --out $OUT/scan_gpu.json
+mamba-ssm comes from PYTHONPATH (see shared/gpu/build-mamba-sm90.sh); without it the table has
+no anchor and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cuda_time  # noqa: E402
+
+from m4v.ops import scan_triton  # noqa: E402
+from m4v.ops.scan_triton import ScanKernelConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ANCHOR = "mamba_ssm"
+FWD_CANDIDATES = [(64, 16, 4), (64, 8, 2), (64, 8, 4), (64, 32, 4), (128, 8, 4), (128, 16, 4),
+                  (32, 16, 4), (32, 32, 4)]
+BWD_CANDIDATES = [(64, 16, 4), (64, 8, 2), (64, 32, 4), (32, 16, 4), (128, 8, 4)]
+
+
+def make_inputs(b: int, d: int, n: int, length: int, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    f32 = dict(device="cuda", dtype=torch.float32)
+    return dict(
+        u=torch.randn(b, d, length, generator=g, **bf16),
+        delta=torch.randn(b, d, length, generator=g, **bf16) - 2.5,
+        A=-torch.arange(1, n + 1, **f32).repeat(d, 1),  # Mamba's S4D-real initialisation
+        B=torch.randn(b, n, length, generator=g, **bf16),
+        C=torch.randn(b, n, length, generator=g, **bf16),
+        D=torch.ones(d, **f32),
+        z=torch.randn(b, d, length, generator=g, **bf16),
+        delta_bias=torch.rand(d, generator=g, **f32) * 0.1,
+    )
+
+
+def load_backends(names: list[str], config: ScanKernelConfig) -> dict:
+    """name -> callable(**inputs) with mamba-ssm's signature; unavailable ones are reported."""
+    fns = {}
+    for name in names:
+        try:
+            if name == "triton":
+                fns[name] = lambda config=config, **kw: scan_triton.selective_scan_triton(
+                    **kw, config=config)
+            elif name == "mamba_ssm":
+                mod = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+                fns[name] = mod.selective_scan_fn
+            elif name == "torch":
+                from m4v.ops.scan import selective_scan
+                fns[name] = lambda **kw: selective_scan(**kw, backend="torch")
+            else:
+                raise ValueError(f"unknown backend {name!r}")
+        except ImportError as e:
+            print(f"[scan_gpu] backend {name} unavailable: {e}")
+    return fns
+
+
+def fwd_bytes(b: int, d: int, n: int, length: int) -> int:
+    """Fewest bytes the bf16 forward moves: u, delta, z read, out written, B and C read."""
+    return 2 * (4 * b * d * length + 2 * b * n * length)
+
+
+def time_backend(fn, inputs: dict, repeats: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) medians."""
+    with torch.no_grad():
+        fwd = cuda_time(lambda: fn(**inputs, delta_softplus=True), repeats=repeats)
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    g_out = torch.randn_like(inputs["u"])
+
+    def fwd_bwd():
+        out = fn(**leaves, delta_softplus=True)
+        return torch.autograd.grad(out, list(leaves.values()), g_out)
+
+    both = cuda_time(fwd_bwd, repeats=repeats)
+    return fwd.median_ms, both.median_ms
+
+
+def compare(fn, ref_fn, inputs: dict) -> dict:
+    """Relative L2 differences of out and of every gradient between two backends."""
+    res = {}
+    outs = []
+    for f in (fn, ref_fn):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        out = f(**leaves, delta_softplus=True)
+        g = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1),
+                        device="cuda", dtype=out.dtype)
+        grads = torch.autograd.grad(out, list(leaves.values()), g)
+        outs.append([out, *grads])
+    for name, a, b in zip(["out", *inputs], outs[0], outs[1], strict=True):
+        res[name] = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return res
+
+
+def sweep(b: int, d: int, n: int, length: int, repeats: int) -> tuple[ScanKernelConfig, list]:
+    """Time the candidate tile shapes (forward, then backward alone); return the best config."""
+    inputs = make_inputs(b, d, n, length, seed=2)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    rows = []
+    for block_l, block_d, warps in tqdm(FWD_CANDIDATES, desc="sweep fwd"):
+        cfg = ScanKernelConfig(block_l=block_l, fwd_block_d=block_d, fwd_warps=warps)
+        t = cuda_time(lambda cfg=cfg: scan_triton.scan_forward(*args, True, False, cfg),
+                      repeats=repeats).median_ms
+        rows.append(dict(pass_="fwd", block_l=block_l, block_d=block_d, warps=warps, ms=t))
+        print(f"  fwd  block_l={block_l:4d} block_d={block_d:3d} warps={warps}: {t:.3f} ms")
+    dout = torch.randn_like(inputs["u"])
+    for block_l, block_d, warps in tqdm(BWD_CANDIDATES, desc="sweep bwd"):
+        cfg = ScanKernelConfig(block_l=block_l, bwd_block_d=block_d, bwd_warps=warps)
+        states = scan_triton.scan_forward(*args, True, True, cfg)[2]
+        t = cuda_time(lambda cfg=cfg, states=states: scan_triton.scan_backward(
+            *args, True, states, dout, None, cfg), repeats=repeats).median_ms
+        rows.append(dict(pass_="bwd", block_l=block_l, block_d=block_d, warps=warps, ms=t))
+        print(f"  bwd  block_l={block_l:4d} block_d={block_d:3d} warps={warps}: {t:.3f} ms")
+        del states
+    best_bwd = min((r for r in rows if r["pass_"] == "bwd"), key=lambda r: r["ms"])
+    same_l = [r for r in rows if r["pass_"] == "fwd" and r["block_l"] == best_bwd["block_l"]]
+    best_fwd = min(same_l or [r for r in rows if r["pass_"] == "fwd"], key=lambda r: r["ms"])
+    cfg = ScanKernelConfig(block_l=best_bwd["block_l"], fwd_block_d=best_fwd["block_d"],
+                           fwd_warps=best_fwd["warps"], bwd_block_d=best_bwd["block_d"],
+                           bwd_warps=best_bwd["warps"])
+    return cfg, rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--dim", type=int, default=3840)
+    p.add_argument("--state", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--backends", nargs="+", default=["triton", "mamba_ssm", "torch"])
+    p.add_argument("--torch-max-length", type=int, default=16384,
+                   help="skip the (slow) chunked torch backend above this length")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sweep", action="store_true", help="pick the Triton tiles by timing first")
+    p.add_argument("--sweep-only", action="store_true", help="only the sweep (no length table)")
+    p.add_argument("--config", type=str, default=None,
+                   help="Triton tiles block_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "scan_gpu.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("scan_gpu.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    b, d, n = args.batch, args.dim, args.state
+
+    config, sweep_rows = scan_triton.DEFAULT_CONFIG, []
+    if args.config:
+        config = ScanKernelConfig(*(int(v) for v in args.config.split(",")))
+    if args.sweep or args.sweep_only:
+        config, sweep_rows = sweep(b, d, n, 16384, max(3, args.repeats // 2))
+        print(f"[scan_gpu] chosen config: {config}")
+    fns = load_backends(args.backends, config)
+    results = []
+    for length in tqdm([] if args.sweep_only else args.lengths, desc="lengths"):
+        inputs = make_inputs(b, d, n, length)
+        row = dict(length=length, backends={})
+        for name, fn in fns.items():
+            if name == "torch" and length > args.torch_max_length:
+                continue
+            reps = args.repeats if name != "torch" else 3
+            fwd_ms, both_ms = time_backend(fn, inputs, reps)
+            gbps = fwd_bytes(b, d, n, length) / (fwd_ms * 1e-3) / 1e9
+            row["backends"][name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, fwd_gb_per_s=gbps)
+        if "triton" in fns and ANCHOR in fns:
+            row["triton_vs_mamba_rel_diff"] = compare(fns["triton"], fns[ANCHOR], inputs)
+        anchor = row["backends"].get(ANCHOR)
+        for r in row["backends"].values():
+            r["fwd_speedup"] = anchor["fwd_ms"] / r["fwd_ms"] if anchor else None
+            r["fwd_bwd_speedup"] = anchor["fwd_bwd_ms"] / r["fwd_bwd_ms"] if anchor else None
+        results.append(row)
+        del inputs
+        torch.cuda.empty_cache()
+
+    report = dict(
+        benchmark="scan_gpu",
+        setting=dict(batch=b, dim=d, d_state=n, dtype="bfloat16", z=True, D=True,
+                     delta_bias=True, delta_softplus=True),
+        anchor=ANCHOR if ANCHOR in fns else None,
+        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        triton=importlib.import_module("triton").__version__,
+        mamba_ssm=_version("mamba_ssm"), python=platform.python_version(),
+        triton_config=dataclasses.asdict(config),
+        sweep_at_16k=sweep_rows, results=results,
+        timing="CUDA events, 3 warm-up calls, median of --repeats (3 for torch)",
+    )
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"[scan_gpu] wrote {args.out}")
+    return report
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        return None
+
+
+def print_table(report: dict) -> None:
+    print(f"\nselective scan, {report['device']}, b={report['setting']['batch']} "
+          f"d={report['setting']['dim']} n={report['setting']['d_state']} bf16, z+D+bias+softplus"
+          f"; speed-up vs {report['anchor'] or 'no anchor (mamba-ssm missing)'}")
+    head = f"{'L':>6} {'backend':>10} {'fwd ms':>9} {'fwd GB/s':>9} {'fwd x':>7} " \
+           f"{'fwd+bwd ms':>11} {'fwd+bwd x':>10}"
+    print(head)
+    print("-" * len(head))
+    for row in report["results"]:
+        for name, r in row["backends"].items():
+            fx = f"{r['fwd_speedup']:.2f}" if r["fwd_speedup"] else "-"
+            bx = f"{r['fwd_bwd_speedup']:.2f}" if r["fwd_bwd_speedup"] else "-"
+            print(f"{row['length']:>6} {name:>10} {r['fwd_ms']:>9.3f} {r['fwd_gb_per_s']:>9.0f} "
+                  f"{fx:>7} {r['fwd_bwd_ms']:>11.3f} {bx:>10}")
+        if "triton_vs_mamba_rel_diff" in row:
+            diffs = ", ".join(f"{k} {v:.1e}" for k, v in row["triton_vs_mamba_rel_diff"].items())
+            print(f"{'':>6} triton vs mamba rel. diff: {diffs}")
+
+
+if __name__ == "__main__":
+    main()
