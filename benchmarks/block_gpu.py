@@ -1,0 +1,249 @@
+"""MM-DiM block vs the attention block on a GPU at 768x1280 x 121-frame token counts.
+
+Blocks at the paper's width (1920): the MM-DiM block of ``m4v-2b`` (Mamba mixer, registers, zigzag
+re-composition, text re-composition and the temporal branch on) and the single-stream attention
+block of ``attention-2b`` (block-causal joint attention, flash SDPA per query group), bf16
+weights and activations, batch 1. Two token layouts, both named in the output:
+
+* ``pyramid``: the canonical forward (last latent frame at the last stage with its eq. (1)
+  temporal-pyramid history): 13 x 240 + 960 + 3840 + 3840 video tokens + 128 text = 11,888;
+* ``flat``: all 16 latent frames at full resolution: 16 x 3840 + 128 = 61,568 tokens.
+
+For the MM-DiM block it also times, on the same shapes, (a) re-composition + its inverse
+(``recompose`` + ``decompose``: text padding/orders, registers, zigzag gather and inverse) and
+(b) the selective scan alone, and reports each as a share of the block's time. Forward and
+forward+backward (gradients of inputs and weights), CUDA events, median of ``--repeats`` after
+``--warmup``. ``--baseline-recomposition FILE`` also times another implementation of the
+re-composition module (e.g. the previous version) for comparison.
+
+    PYTHONPATH=. python benchmarks/block_gpu.py --out reports/benchmarks/block_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from harness.profile import (
+    block_case,
+    clip_geometry,
+    clip_layout,
+    device_name,
+    forward_backward,
+    peak_memory,
+    time_case,
+    time_fn,
+    working_scan_backend,
+    write_json,
+)
+from m4v.config import M4VConfig
+from m4v.model import recomposition
+from m4v.ops.scan import resolve_backend, selective_scan
+
+MODES = ("fwd", "fwdbwd")
+
+
+def timed(fn_fwd, fn_fwdbwd, device, warmup, repeats) -> dict:
+    out = {}
+    for mode, fn in (("fwd", fn_fwd), ("fwdbwd", fn_fwdbwd)):
+        t = time_fn(fn, device, warmup=warmup, repeats=repeats)
+        t["peak_memory_bytes"] = peak_memory(fn, device)
+        out[mode] = t
+    return out
+
+
+def recomposition_case(module, block, layout, device, dtype):
+    """Closures timing module.recompose + module.decompose on the block's shapes."""
+    g = torch.Generator(device=device).manual_seed(1)
+    d = block.cfg.hidden_size
+    text = torch.randn(1, layout.text_len, d, device=device, dtype=dtype, generator=g)
+    video = torch.randn(1, layout.video_len, d, device=device, dtype=dtype, generator=g)
+    mask = torch.ones(1, layout.text_len, dtype=torch.bool, device=device)
+    register = block.register
+    cfg = block.cfg
+    spec = module.SequenceSpec(layout.frame_sizes, block.direction, cfg.registers,
+                               cfg.text_recomposition)
+
+    def call():
+        return module.decompose(module.recompose(text, mask, video, register, spec), mask, spec)
+
+    def fwd():
+        with torch.no_grad():
+            return call()
+
+    leaves = [t.detach().requires_grad_(True) for t in (text, video)]
+
+    def call_grad():
+        return module.decompose(module.recompose(leaves[0], mask, leaves[1], register, spec),
+                                mask, spec)
+
+    return fwd, forward_backward(call_grad, leaves, [register])
+
+
+def scan_case(block, layout, device, dtype):
+    """Closures timing the block's selective scan alone, on its sequence length."""
+    from harness.flops import scan_length
+
+    mixer = block.mixer
+    length = scan_length(block.cfg, layout)
+    di, n = mixer.d_inner, mixer.d_state
+    g = torch.Generator(device=device).manual_seed(2)
+    rand = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g)  # noqa: E731
+    u = F.silu(rand(1, di, length))
+    delta = 0.1 * rand(1, di, length)
+    B, C, z = rand(1, n, length), rand(1, n, length), rand(1, di, length)
+    A = -torch.exp(mixer.A_log.detach().float())
+    D, bias = mixer.D.detach().float(), mixer.dt_proj.bias.detach().float()
+    backend = mixer.scan_backend
+
+    def fwd():
+        with torch.no_grad():
+            return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias,
+                                  delta_softplus=True, backend=backend)
+
+    leaves = [t.detach().requires_grad_(True) for t in (u, delta, A, B, C, D, z, bias)]
+
+    def call():
+        u_, d_, a_, b_, c_, dd_, z_, bias_ = leaves
+        return selective_scan(u_, d_, a_, b_, c_, D=dd_, z=z_, delta_bias=bias_,
+                              delta_softplus=True, backend=backend)
+
+    return fwd, forward_backward(call, leaves, []), length
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("baseline_recomposition", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def attempt(results: dict, key: str, fn):
+    """Run one measurement; a failure is recorded, not fatal (one GPU call must yield data)."""
+    try:
+        results[key] = fn()
+    except Exception as e:  # noqa: BLE001
+        results[key] = {"error": f"{type(e).__name__}: {e}"}
+        traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    backend, note = working_scan_backend(device)
+    mamba_cfg = M4VConfig.preset(args.presets[0]).replace(scan_backend=backend)
+    attn_cfg = M4VConfig.preset(args.presets[1])
+    geom = clip_geometry(*args.clip)
+    baseline = load_module(args.baseline_recomposition) if args.baseline_recomposition else None
+    out = {"device": device_name(device), "torch": torch.__version__, "dtype": args.dtype,
+           "presets": args.presets, "width": mamba_cfg.hidden_size,
+           "clip": f"{geom.height}x{geom.width}, {geom.frames} frames "
+                   f"({geom.latent_frames} latent frames)", "batch": 1,
+           "scan_backend": resolve_backend(mamba_cfg.scan_backend, device),
+           "scan_backend_note": note,
+           "warmup": args.warmup, "repeats": args.repeats, "layouts": {}}
+    for name in args.layouts:
+        layout = clip_layout(mamba_cfg, geom, name)
+        out["layouts"][name] = measure_layout(layout, mamba_cfg, attn_cfg, baseline, device,
+                                              dtype, args.warmup, args.repeats)
+        write_json(out, args.out)  # after every layout: a crash later keeps what was measured
+    return out
+
+
+def measure_layout(layout, mamba_cfg, attn_cfg, baseline, device, dtype, warmup, repeats) -> dict:
+    res = {"frame_tokens": layout.frame_lens, "text_tokens": layout.text_len,
+           "sequence_tokens": layout.text_len + layout.video_len}
+    block = block_case("core_block", mamba_cfg, layout, device, dtype)
+    attempt(res, "mmdim_block",
+            lambda: time_case(block, MODES, device, warmup=warmup, repeats=repeats))
+    impls = [("recomposition", recomposition)]
+    impls += [("recomposition_baseline", baseline)] if baseline is not None else []
+    for key, module in impls:
+        attempt(res, key, lambda m=module: timed(
+            *recomposition_case(m, block.module, layout, device, dtype), device, warmup, repeats))
+
+    def scan():
+        fwd, fwdbwd, length = scan_case(block.module, layout, device, dtype)
+        return {"length": length, **timed(fwd, fwdbwd, device, warmup, repeats)}
+
+    attempt(res, "scan", scan)
+    del block
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    block = block_case("core_block", attn_cfg, layout, device, dtype)
+    attempt(res, "attention_block",
+            lambda: time_case(block, MODES, device, warmup=warmup, repeats=repeats))
+    summarize(res)
+    return res
+
+
+def ms(res: dict, key: str, mode: str) -> float | None:
+    entry = res.get(key, {})
+    return entry.get(mode, {}).get("median_ms") if "error" not in entry else None
+
+
+def summarize(res: dict) -> None:
+    res["summary"] = {}
+    for mode in MODES:
+        block, attn = ms(res, "mmdim_block", mode), ms(res, "attention_block", mode)
+        rec, scan = ms(res, "recomposition", mode), ms(res, "scan", mode)
+        res["summary"][mode] = {
+            "speedup_vs_attention": attn / block if block and attn else None,
+            "recomposition_share": rec / block if block and rec else None,
+            "scan_share": scan / block if block and scan else None,
+        }
+
+
+def table(out: dict) -> str:
+    lines = [f"{out['device']}, {out['presets']}, {out['clip']}, {out['dtype']}, batch 1, "
+             f"scan backend {out['scan_backend']}; median of {out['repeats']} (ms)",
+             f"{'layout':<9}{'tokens':>8}{'mode':>8}{'MM-DiM':>10}{'attention':>11}"
+             f"{'speed-up':>10}{'recomp':>9}{'share':>8}{'scan':>9}{'share':>8}{'recomp old':>12}"]
+    fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    for name, res in out["layouts"].items():
+        for mode in MODES:
+            s = res["summary"][mode]
+            lines.append(
+                f"{name:<9}{res['sequence_tokens']:>8}{mode:>8}"
+                f"{fmt(ms(res, 'mmdim_block', mode)):>10}"
+                f"{fmt(ms(res, 'attention_block', mode)):>11}"
+                f"{fmt(s['speedup_vs_attention'], 2):>10}{fmt(ms(res, 'recomposition', mode)):>9}"
+                f"{pct(s['recomposition_share']):>8}{fmt(ms(res, 'scan', mode)):>9}"
+                f"{pct(s['scan_share']):>8}{fmt(ms(res, 'recomposition_baseline', mode)):>12}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layouts", nargs="+", default=["pyramid", "flat"],
+                        choices=("pyramid", "flat"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--baseline-recomposition", default=None)
+    parser.add_argument("--presets", nargs=2, default=["m4v-2b", "attention-2b"],
+                        metavar=("MAMBA", "ATTENTION"))
+    parser.add_argument("--clip", nargs=3, type=int, default=[768, 1280, 121],
+                        metavar=("HEIGHT", "WIDTH", "FRAMES"))
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/block_gpu.json"))
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("block_gpu.py: no CUDA device (use --device cpu for a smoke test)")
+    out = run(args)
+    print(table(out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
