@@ -20,7 +20,8 @@ Backends (``backend=``):
   tensors included (shape-only fake kernel), visible as one node to TorchScript / fvcore and to
   ``torch.utils.flop_counter`` (a FLOP formula is registered for both ops here).
 * ``"triton"``: the fused GPU kernel of :mod:`m4v.ops.scan_triton`, CUDA tensors only.
-* ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when it can be imported.
+* ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when it can be imported. Its backward ignores the
+  gradient of the last state (only ``out`` is differentiated); the other backends propagate both.
 * ``"auto"``: CUDA tensors: triton, else mamba_ssm, else torch; any other device: torch.
 
 FLOPs (:func:`selective_scan_flops`), counting every multiply, add and transcendental as one,

@@ -36,14 +36,16 @@ def selective_scan_reference(
     if delta_softplus:
         delta_ = F.softplus(delta_)
 
-    batch, dim, length = u.shape
+    batch, dim, _ = u.shape
     decay = torch.exp(delta_[..., None] * A_[:, None, :])  # (b, d, l, n)
     drive = (delta_ * u_)[..., None] * B_.transpose(1, 2)[:, None]  # (b, d, l, n)
     h = u_.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for t in range(length):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append((h * C_[:, None, :, t]).sum(-1))
+    # unbind, not indexing: the backward of l index ops would zero-fill l full-size gradients
+    steps = zip(decay.unbind(2), drive.unbind(2), C_[:, None].unbind(3), strict=True)
+    for decay_t, drive_t, C_t in steps:
+        h = decay_t * h + drive_t
+        ys.append((h * C_t).sum(-1))
     out = torch.stack(ys, dim=-1)
     if D is not None:
         out = out + D.to(dtype)[:, None] * u_
