@@ -36,9 +36,13 @@ from m4v.ops.scan_triton import ScanKernelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR = "mamba_ssm"
-# (block_l, block_d, warps); each costs a compile (the backward's ~20 s)
-FWD_CANDIDATES = [(64, 16, 4), (64, 8, 2), (64, 32, 4), (128, 8, 4), (32, 16, 4), (32, 32, 4)]
-BWD_CANDIDATES = [(64, 16, 4), (64, 8, 2), (32, 16, 4)]
+# (block_l, block_d, warps, maxnreg); each costs a compile (the backward's ~20 s), done in
+# parallel processes before timing
+FWD_CANDIDATES = [(64, 8, 2, None), (256, 4, 4, None), (256, 4, 4, 128), (512, 2, 4, None),
+                  (1024, 1, 4, None), (1024, 1, 4, 128), (2048, 1, 8, None), (128, 8, 4, None)]
+BWD_CANDIDATES = [(64, 8, 2, None), (128, 8, 4, None), (256, 8, 8, None), (256, 4, 4, None),
+                  (128, 8, 4, 168)]
+SWEEP_LENGTH = 16384
 
 
 def make_inputs(b: int, d: int, n: int, length: int, seed: int = 0) -> dict:
@@ -114,32 +118,74 @@ def compare(fn, ref_fn, inputs: dict) -> dict:
     return res
 
 
-def sweep(b: int, d: int, n: int, length: int, repeats: int) -> tuple[ScanKernelConfig, list]:
-    """Time the candidate tile shapes (forward, then backward alone); return the best config."""
-    inputs = make_inputs(b, d, n, length, seed=2)
+def _config(pass_: str, cand: tuple) -> ScanKernelConfig:
+    block_l, block_d, warps, maxnreg = cand
+    if pass_ == "fwd":
+        return ScanKernelConfig(fwd_block_l=block_l, fwd_block_d=block_d, fwd_warps=warps,
+                                fwd_maxnreg=maxnreg, bwd_block_l=max(block_l, 64))
+    return ScanKernelConfig(fwd_block_l=block_l, bwd_block_l=block_l, bwd_block_d=block_d,
+                            bwd_warps=warps, bwd_maxnreg=maxnreg)
+
+
+def _run_candidate(pass_: str, cand: tuple, b: int, d: int, n: int) -> None:
+    """One call of the candidate's kernel at the sweep's shape (compiles it into Triton's cache)."""
+    inputs = make_inputs(b, d, n, SWEEP_LENGTH, seed=2)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    rows = []
-    for block_l, block_d, warps in tqdm(FWD_CANDIDATES, desc="sweep fwd"):
-        cfg = ScanKernelConfig(block_l=block_l, fwd_block_d=block_d, fwd_warps=warps)
-        t = cuda_time(lambda cfg=cfg: scan_triton.scan_forward(*args, True, False, cfg),
-                      repeats=repeats).median_ms
-        rows.append(dict(pass_="fwd", block_l=block_l, block_d=block_d, warps=warps, ms=t))
-        print(f"  fwd  block_l={block_l:4d} block_d={block_d:3d} warps={warps}: {t:.3f} ms")
+    cfg = _config(pass_, cand)
+    states = scan_triton.scan_forward(*args, True, pass_ == "bwd", cfg)[2]
+    if pass_ == "bwd":
+        scan_triton.scan_backward(*args, True, states, torch.randn_like(inputs["u"]), None, cfg)
+    torch.cuda.synchronize()
+
+
+def precompile(b: int, d: int, n: int, workers: int = 8) -> None:
+    """Compile every sweep candidate in parallel processes (Triton's disk cache keeps them)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    jobs = [("fwd", c) for c in FWD_CANDIDATES] + [("bwd", c) for c in BWD_CANDIDATES]
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_candidate, p, c, b, d, n): (p, c) for p, c in jobs}
+        for f in tqdm(cf.as_completed(futures), total=len(futures), desc="precompile"):
+            if f.exception() is not None:
+                print(f"[scan_gpu] candidate {futures[f]} failed: {f.exception()!r}")
+
+
+def sweep(b: int, d: int, n: int, repeats: int) -> tuple[ScanKernelConfig, list]:
+    """Time the candidates (forward alone, backward alone) at 16k; return the valid pair
+    (forward tiles dividing the backward's) of least forward + backward time."""
+    inputs = make_inputs(b, d, n, SWEEP_LENGTH, seed=2)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     dout = torch.randn_like(inputs["u"])
-    for block_l, block_d, warps in tqdm(BWD_CANDIDATES, desc="sweep bwd"):
-        cfg = ScanKernelConfig(block_l=block_l, bwd_block_d=block_d, bwd_warps=warps)
-        states = scan_triton.scan_forward(*args, True, True, cfg)[2]
-        t = cuda_time(lambda cfg=cfg, states=states: scan_triton.scan_backward(
-            *args, True, states, dout, None, cfg), repeats=repeats).median_ms
-        rows.append(dict(pass_="bwd", block_l=block_l, block_d=block_d, warps=warps, ms=t))
-        print(f"  bwd  block_l={block_l:4d} block_d={block_d:3d} warps={warps}: {t:.3f} ms")
-        del states
-    best_bwd = min((r for r in rows if r["pass_"] == "bwd"), key=lambda r: r["ms"])
-    same_l = [r for r in rows if r["pass_"] == "fwd" and r["block_l"] == best_bwd["block_l"]]
-    best_fwd = min(same_l or [r for r in rows if r["pass_"] == "fwd"], key=lambda r: r["ms"])
-    cfg = ScanKernelConfig(block_l=best_bwd["block_l"], fwd_block_d=best_fwd["block_d"],
-                           fwd_warps=best_fwd["warps"], bwd_block_d=best_bwd["block_d"],
-                           bwd_warps=best_bwd["warps"])
+    rows = []
+    for pass_, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
+        for cand in tqdm(cands, desc=f"sweep {pass_}"):
+            cfg = _config(pass_, cand)
+            try:
+                if pass_ == "fwd":
+                    t = cuda_time(lambda cfg=cfg: scan_triton.scan_forward(
+                        *args, True, False, cfg), repeats=repeats).median_ms
+                else:
+                    states = scan_triton.scan_forward(*args, True, True, cfg)[2]
+                    t = cuda_time(lambda cfg=cfg, states=states: scan_triton.scan_backward(
+                        *args, True, states, dout, None, cfg), repeats=repeats).median_ms
+                    del states
+            except Exception as e:  # noqa: BLE001 - a failing candidate is reported, not fatal
+                print(f"[scan_gpu] {pass_} {cand} failed: {e!r}")
+                continue
+            block_l, block_d, warps, maxnreg = cand
+            rows.append(dict(pass_=pass_, block_l=block_l, block_d=block_d, warps=warps,
+                             maxnreg=maxnreg, ms=t))
+            print(f"  {pass_} block_l={block_l:5d} block_d={block_d:3d} warps={warps} "
+                  f"maxnreg={maxnreg}: {t:.3f} ms")
+    fwd = [r for r in rows if r["pass_"] == "fwd"]
+    bwd = [r for r in rows if r["pass_"] == "bwd"]
+    f, g = min(((f, g) for f in fwd for g in bwd if g["block_l"] % f["block_l"] == 0),
+               key=lambda fg: fg[0]["ms"] + fg[1]["ms"])
+    cfg = ScanKernelConfig(fwd_block_l=f["block_l"], fwd_block_d=f["block_d"],
+                           fwd_warps=f["warps"], fwd_maxnreg=f["maxnreg"],
+                           bwd_block_l=g["block_l"], bwd_block_d=g["block_d"],
+                           bwd_warps=g["warps"], bwd_maxnreg=g["maxnreg"])
     return cfg, rows
 
 
@@ -150,13 +196,13 @@ def main(argv=None) -> dict:
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--backends", nargs="+", default=["triton", "mamba_ssm", "torch"])
-    p.add_argument("--torch-max-length", type=int, default=16384,
+    p.add_argument("--torch-max-length", type=int, default=4096,
                    help="skip the (slow) chunked torch backend above this length")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sweep", action="store_true", help="pick the Triton tiles by timing first")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep (no length table)")
-    p.add_argument("--config", type=str, default=None,
-                   help="Triton tiles block_l,fwd_block_d,fwd_warps,bwd_block_d,bwd_warps")
+    p.add_argument("--precompile", action="store_true",
+                   help="only compile the sweep candidates, in parallel processes")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "scan_gpu.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -164,11 +210,12 @@ def main(argv=None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     b, d, n = args.batch, args.dim, args.state
 
+    if args.precompile:
+        precompile(b, d, n)
+        return {}
     config, sweep_rows = scan_triton.DEFAULT_CONFIG, []
-    if args.config:
-        config = ScanKernelConfig(*(int(v) for v in args.config.split(",")))
     if args.sweep or args.sweep_only:
-        config, sweep_rows = sweep(b, d, n, 16384, max(3, args.repeats // 2))
+        config, sweep_rows = sweep(b, d, n, max(3, args.repeats // 2))
         print(f"[scan_gpu] chosen config: {config}")
     fns = load_backends(args.backends, config)
     results = []

@@ -15,9 +15,9 @@ component at a time (a static loop over n), so every thread owns a row segment o
 and the scan is mostly sequential inside threads. Loads are bf16/fp16/fp32, maths is fp32; softplus,
 the bias, ``D * u`` and the ``silu(z)`` gate are fused.
 
-Backward: the forward saves the state at the start of every tile, ``(b, tiles, d, n)`` float32
-(1/``BLOCK_L`` of the state trajectory). The backward walks the tiles in reverse; per tile it
-recomputes h inside the tile from the saved start state and runs the adjoint recurrence
+Backward: the forward saves the state at the start of every backward tile, ``(b, tiles, d, n)``
+float32 (1/``bwd_block_l`` of the state trajectory). The backward walks its tiles in reverse;
+per tile it recomputes h inside the tile from the saved start state and runs the adjoint recurrence
 ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as an associative scan over the time-reversed tile (a_{t+1}
 comes from the delta tile loaded one step later). From h and g:
 
@@ -48,20 +48,32 @@ MAX_STATE = 64  # the state loop is unrolled at compile time
 
 @dataclass(frozen=True)
 class ScanKernelConfig:
-    """Tile sizes and warps. ``block_l`` is shared by both passes: the forward checkpoints the
-    state every ``block_l`` steps and the backward recomputes tile by tile from those states."""
+    """Tiles (steps x channels) and warps of each pass. The forward checkpoints the state every
+    ``bwd_block_l`` steps, where the backward's tiles start, so ``bwd_block_l`` must be a multiple
+    of ``fwd_block_l``."""
 
-    block_l: int = 64
-    fwd_block_d: int = 16
-    fwd_warps: int = 4
-    bwd_block_d: int = 16
-    bwd_warps: int = 4
+    fwd_block_l: int = 64
+    fwd_block_d: int = 8
+    fwd_warps: int = 2
+    bwd_block_l: int = 64
+    bwd_block_d: int = 8
+    bwd_warps: int = 2
+    # register caps per thread (None: the compiler's choice); lower caps buy occupancy for spills
+    fwd_maxnreg: int | None = None
+    bwd_maxnreg: int | None = None
 
     def __post_init__(self):
-        for name in ("block_l", "fwd_block_d", "fwd_warps", "bwd_block_d", "bwd_warps"):
+        for name in self.__dataclass_fields__:
             v = getattr(self, name)
+            if name.endswith("maxnreg"):
+                if v is not None and not 32 <= v <= 255:
+                    raise ValueError(f"ScanKernelConfig.{name} must be in [32, 255], got {v}")
+                continue
             if v < 1 or v & (v - 1):
                 raise ValueError(f"ScanKernelConfig.{name} must be a power of two, got {v}")
+        if self.bwd_block_l % self.fwd_block_l:
+            raise ValueError(f"ScanKernelConfig.bwd_block_l ({self.bwd_block_l}) must be a "
+                             f"multiple of fwd_block_l ({self.fwd_block_l})")
 
 
 DEFAULT_CONFIG = ScanKernelConfig()
@@ -108,14 +120,15 @@ def _column(x, at):
     return tl.sum(tl.where(at, x, 0.0), axis=1)
 
 
-@triton.jit
+# tile counts and the batch size only index: no need for a compile per divisibility class
+@triton.jit(do_not_specialize=["n_tiles", "n_ckpt"])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr,
-    dim, length, bc_len, n_tiles,
+    dim, length, bc_len, n_tiles, n_ckpt,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr,
+    SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -147,9 +160,10 @@ def _scan_fwd_kernel(
         mask = row_ok[:, None] & step_ok[None, :]
         offs = row_base[:, None] + steps[None, :]
         if SAVE_STATES:
-            st_base = ((pid_b * n_tiles + tile) * dim + rows).to(tl.int64) * N
-            for n in tl.static_range(N):
-                tl.store(states_ptr + st_base + n, hs[n], mask=row_ok)
+            if tile % SAVE_EVERY == 0:  # the state entering each backward tile
+                st_base = ((pid_b * n_ckpt + tile // SAVE_EVERY) * dim + rows).to(tl.int64) * N
+                for n in tl.static_range(N):
+                    tl.store(states_ptr + st_base + n, hs[n], mask=row_ok)
 
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -181,7 +195,7 @@ def _scan_fwd_kernel(
         tl.store(last_ptr + last_base + n, hs[n], mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "n_tiles"])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     dout_ptr, dlast_ptr, states_ptr,
@@ -376,25 +390,27 @@ def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states,
                  config: ScanKernelConfig = DEFAULT_CONFIG):
     """Launch the forward kernel. Returns (out (b, d, l) in u's dtype, last_state (b, d, n) fp32,
-    states (b, tiles, d, n) fp32 or None)."""
+    states (b, backward tiles, d, n) fp32 or None)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A = (t.contiguous() for t in (u, delta, A))
-    n_tiles = triton.cdiv(length, config.block_l)
-    bc_len = n_tiles * config.block_l
+    n_tiles = triton.cdiv(length, config.fwd_block_l)
+    n_ckpt = triton.cdiv(length, config.bwd_block_l)
+    bc_len = n_ckpt * config.bwd_block_l  # a whole number of tiles of either pass
     B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     out = torch.empty_like(u)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
-    states = (torch.empty(b, n_tiles, d, n, device=u.device, dtype=torch.float32)
+    states = (torch.empty(b, n_ckpt, d, n, device=u.device, dtype=torch.float32)
               if save_states else last)
     grid = (triton.cdiv(d, config.fwd_block_d), b)
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
         out, last, states,
-        d, length, bc_len, n_tiles,
-        N=n, BLOCK_D=config.fwd_block_d, BLOCK_L=config.block_l,
+        d, length, bc_len, n_tiles, n_ckpt,
+        N=n, BLOCK_D=config.fwd_block_d, BLOCK_L=config.fwd_block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), SAVE_STATES=save_states,
-        num_warps=config.fwd_warps,
+        SAVE_EVERY=config.bwd_block_l // config.fwd_block_l,
+        num_warps=config.fwd_warps, maxnreg=config.fwd_maxnreg,
     )
     return out, last, (states if save_states else None)
 
@@ -405,8 +421,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     its input's dtype (None for absent optional inputs)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A, dout = (t.contiguous() for t in (u, delta, A, dout))
-    n_tiles = triton.cdiv(length, config.block_l)
-    bc_len = n_tiles * config.block_l
+    n_tiles = triton.cdiv(length, config.bwd_block_l)
+    bc_len = n_tiles * config.bwd_block_l
     B32, C32 = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     if states.shape[1] != n_tiles:
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
@@ -426,10 +442,10 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
         du, ddelta, _optional(dz, du), dA_part, _optional(dD_part, dA_part),
         _optional(dbias_part, dA_part), dB_part, dC_part,
         b, d, length, bc_len, n_tiles,
-        N=n, BLOCK_D=config.bwd_block_d, BLOCK_L=config.block_l,
+        N=n, BLOCK_D=config.bwd_block_d, BLOCK_L=config.bwd_block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None,
-        num_warps=config.bwd_warps,
+        num_warps=config.bwd_warps, maxnreg=config.bwd_maxnreg,
     )
     dA = dA_part.sum(0).to(A.dtype)
     dB = dB_part.sum(0).to(B.dtype)
