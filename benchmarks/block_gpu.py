@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from harness.profile import (
+    Case,
     block_case,
     clip_geometry,
     clip_layout,
     device_name,
     forward_backward,
+    gpu_busy_ms,
     peak_memory,
     time_case,
     time_fn,
@@ -54,6 +56,7 @@ def timed(fn_fwd, fn_fwdbwd, device, warmup, repeats) -> dict:
     for mode, fn in (("fwd", fn_fwd), ("fwdbwd", fn_fwdbwd)):
         t = time_fn(fn, device, warmup=warmup, repeats=repeats)
         t["peak_memory_bytes"] = peak_memory(fn, device)
+        t["gpu_busy_ms"] = gpu_busy_ms(fn, device)
         out[mode] = t
     return out
 
@@ -117,6 +120,24 @@ def scan_case(block, layout, device, dtype):
     return fwd, forward_backward(call, leaves, []), length
 
 
+class _Mix(torch.nn.Module):
+    """A block's token mixer alone (MM-DiM: re-composition + Mamba + inverse; attention: QKV +
+    block-causal attention + projection) on the joint stream."""
+
+    def __init__(self, block, layout, rope, mask):
+        super().__init__()
+        self.block, self.layout, self.rope, self.mask = block, layout, rope, mask
+
+    def forward(self, x):
+        return self.block.mix(x, self.layout, self.rope, self.mask)
+
+
+def mixer_case(block_case_: Case, layout, device, dtype) -> Case:
+    text, video, _, _, rope, mask = block_case_.args
+    x = torch.cat([text, video], dim=1).detach().clone()
+    return Case("mixer", _Mix(block_case_.module, layout, rope, mask), (x,), {}, (x,))
+
+
 def load_module(path: str):
     spec = importlib.util.spec_from_file_location("baseline_recomposition", path)
     module = importlib.util.module_from_spec(spec)
@@ -165,6 +186,8 @@ def measure_layout(layout, mamba_cfg, attn_cfg, baseline, device, dtype, warmup,
     block = block_case("core_block", mamba_cfg, layout, device, dtype)
     attempt(res, "mmdim_block",
             lambda: time_case(block, MODES, device, warmup=warmup, repeats=repeats))
+    attempt(res, "mmdim_mixer", lambda: time_case(mixer_case(block, layout, device, dtype), MODES,
+                                                  device, warmup=warmup, repeats=repeats))
     impls = [("recomposition", recomposition)]
     impls += [("recomposition_baseline", baseline)] if baseline is not None else []
     for key, module in impls:
@@ -182,32 +205,43 @@ def measure_layout(layout, mamba_cfg, attn_cfg, baseline, device, dtype, warmup,
     block = block_case("core_block", attn_cfg, layout, device, dtype)
     attempt(res, "attention_block",
             lambda: time_case(block, MODES, device, warmup=warmup, repeats=repeats))
+    attempt(res, "attention_mixer", lambda: time_case(mixer_case(block, layout, device, dtype),
+                                                      MODES, device, warmup=warmup,
+                                                      repeats=repeats))
     summarize(res)
     return res
 
 
-def ms(res: dict, key: str, mode: str) -> float | None:
+def ms(res: dict, key: str, mode: str, field: str = "median_ms") -> float | None:
     entry = res.get(key, {})
-    return entry.get(mode, {}).get("median_ms") if "error" not in entry else None
+    return entry.get(mode, {}).get(field) if "error" not in entry else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def summarize(res: dict) -> None:
+    """Speed-ups (attention / MM-DiM) and shares of the MM-DiM block, in wall and GPU time."""
     res["summary"] = {}
     for mode in MODES:
-        block, attn = ms(res, "mmdim_block", mode), ms(res, "attention_block", mode)
-        rec, scan = ms(res, "recomposition", mode), ms(res, "scan", mode)
-        res["summary"][mode] = {
-            "speedup_vs_attention": attn / block if block and attn else None,
-            "recomposition_share": rec / block if block and rec else None,
-            "scan_share": scan / block if block and scan else None,
-        }
+        row = {}
+        for field, tag in (("median_ms", ""), ("gpu_busy_ms", "_gpu")):
+            get = lambda key, f=field, m=mode: ms(res, key, m, f)  # noqa: E731
+            row[f"speedup_vs_attention{tag}"] = ratio(get("attention_block"), get("mmdim_block"))
+            row[f"mixer_speedup_vs_attention{tag}"] = ratio(get("attention_mixer"),
+                                                            get("mmdim_mixer"))
+            row[f"recomposition_share{tag}"] = ratio(get("recomposition"), get("mmdim_block"))
+            row[f"scan_share{tag}"] = ratio(get("scan"), get("mmdim_block"))
+        res["summary"][mode] = row
 
 
 def table(out: dict) -> str:
     lines = [f"{out['device']}, {out['presets']}, {out['clip']}, {out['dtype']}, batch 1, "
              f"scan backend {out['scan_backend']}; median of {out['repeats']} (ms)",
              f"{'layout':<9}{'tokens':>8}{'mode':>8}{'MM-DiM':>10}{'attention':>11}"
-             f"{'speed-up':>10}{'recomp':>9}{'share':>8}{'scan':>9}{'share':>8}{'recomp old':>12}"]
+             f"{'speed-up':>10}{'mixers':>8}{'recomp':>9}{'share':>8}{'GPU sh.':>8}{'scan':>9}"
+             f"{'share':>8}{'GPU sh.':>8}{'recomp old':>12}"]
     fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     for name, res in out["layouts"].items():
@@ -217,9 +251,12 @@ def table(out: dict) -> str:
                 f"{name:<9}{res['sequence_tokens']:>8}{mode:>8}"
                 f"{fmt(ms(res, 'mmdim_block', mode)):>10}"
                 f"{fmt(ms(res, 'attention_block', mode)):>11}"
-                f"{fmt(s['speedup_vs_attention'], 2):>10}{fmt(ms(res, 'recomposition', mode)):>9}"
-                f"{pct(s['recomposition_share']):>8}{fmt(ms(res, 'scan', mode)):>9}"
-                f"{pct(s['scan_share']):>8}{fmt(ms(res, 'recomposition_baseline', mode)):>12}")
+                f"{fmt(s['speedup_vs_attention'], 2):>10}"
+                f"{fmt(s['mixer_speedup_vs_attention'], 2):>8}"
+                f"{fmt(ms(res, 'recomposition', mode)):>9}{pct(s['recomposition_share']):>8}"
+                f"{pct(s['recomposition_share_gpu']):>8}{fmt(ms(res, 'scan', mode)):>9}"
+                f"{pct(s['scan_share']):>8}{pct(s['scan_share_gpu']):>8}"
+                f"{fmt(ms(res, 'recomposition_baseline', mode)):>12}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Whole-model GPU benchmarks: forward latency of M4V vs attention, and a training step.
 
-1. Forward latency (bf16 weights and activations, no grad, batch 1) of each ``--forward-presets``
+1. Forward latency (bf16 weights under bf16 autocast, no grad, batch 1) of ``--forward-presets``
    (default ``small``, ``m4v-2b``, ``attention-2b``) at 768x1280 x 121 frames, in the canonical
    ``pyramid`` layout (last latent frame at the last stage with its eq. (1) history: 11,888
    tokens) and the ``flat`` layout (16 full-resolution frames: 61,568 tokens). One denoising
@@ -47,7 +47,7 @@ def forward_latency(preset: str, layout_name: str, geom, device, dtype, warmup, 
 
     def fwd():
         with torch.no_grad():
-            return case.module(**case.kwargs)
+            return case()
 
     t = time_fn(fwd, device, warmup=warmup, repeats=repeats)
     t["peak_memory_bytes"] = peak_memory(fwd, device)

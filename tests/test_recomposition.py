@@ -86,3 +86,14 @@ def test_recompose_decompose_values_and_gradients_match_reference(
             assert a is None or not a.any(), name
         else:
             assert a is not None and torch.allclose(a, r), name
+
+
+def test_cached_text_orders_follow_the_mask():
+    spec = SequenceSpec(((1, 1),), None, False, True)
+    text, video = torch.arange(1.0, 5.0)[None, :, None], torch.zeros(1, 1, 1)
+    mask = torch.tensor([[True, True, False, False]])
+    seq = lambda m: recompose(text, m, video, None, spec)[0, :, 0].tolist()  # noqa: E731
+    assert seq(mask) == [0, 0, 1, 2, 0, 1, 2, 0, 0]
+    mask[0, 2] = True  # in place: the cached orders must not be reused
+    assert seq(mask) == [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    assert seq(torch.tensor([[False, True, True, True]])) == [0, 2, 3, 4, 0, 2, 3, 4, 0]

@@ -26,6 +26,7 @@ Raster order without registers needs no gather at all.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -161,6 +162,34 @@ def text_orders(text_mask: Tensor) -> tuple[Tensor, Tensor]:
     return left, right
 
 
+class _OrdersCache:
+    """:func:`text_orders` of the last mask seen, reused while it is the same unmodified tensor.
+
+    Every MM-DiM block of a forward (and its ``decompose``) gets the same mask object: computing
+    the orders once saves a handful of small kernel launches per block, which is most of the
+    re-composition's cost at moderate lengths. Identity is checked through a weak reference
+    (no stale hit after the mask is freed) and the tensor's version counter (no hit after an
+    in-place change).
+    """
+
+    def __init__(self):
+        self._ref = None
+        self._version = -1
+        self._orders: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        ref = self._ref() if self._ref is not None else None
+        if ref is text_mask and text_mask._version == self._version:
+            return self._orders
+        self._orders = text_orders(text_mask)
+        self._ref = weakref.ref(text_mask)
+        self._version = text_mask._version
+        return self._orders
+
+
+_orders = _OrdersCache()
+
+
 def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x (b, L, d), index (b, K) -> (b, K, d)."""
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
@@ -191,7 +220,7 @@ def recompose(text: Tensor, text_mask: Tensor, video: Tensor, register: Tensor |
         middle = video_to_middle(video, register if spec.registers else None, index)
     text_mask = text_mask.to(text.device)
     text = text * text_mask[..., None].to(text.dtype)
-    left, right = text_orders(text_mask)
+    left, right = _orders(text_mask)
     parts = [_gather_tokens(text, left), middle]
     if spec.text_recomposition:
         parts.append(_gather_tokens(text, right))
@@ -215,7 +244,7 @@ def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tenso
     # split (not slicing): its backward is one concatenation, not a zero-filled copy per slice
     pieces = seq.split(sizes, dim=1)
     video = pieces[1] if index.identity else middle_to_video(pieces[1], index)
-    left, right = text_orders(text_mask.to(seq.device))
+    left, right = _orders(text_mask.to(seq.device))
     pre = _scatter_tokens(pieces[0], left)
     if spec.text_recomposition:
         return 0.5 * (pre + _scatter_tokens(pieces[2], right)), video
