@@ -11,7 +11,9 @@ weights and activations, batch 1. Two token layouts, both named in the output:
 
 For the MM-DiM block it also times, on the same shapes, (a) re-composition + its inverse
 (``recompose`` + ``decompose``: text padding/orders, registers, zigzag gather and inverse) and
-(b) the selective scan alone, and reports each as a share of the block's time. Forward and
+(b) the selective scan alone and (c) the depthwise conv1d alone, and reports each as a share of
+the block's time, in wall time (CUDA events) and in GPU-busy time (profiler: summed kernel time,
+without launch gaps). The MM-DiM block's top kernels (forward+backward) are listed too. Forward and
 forward+backward (gradients of inputs and weights), CUDA events, median of ``--repeats`` after
 ``--warmup``. ``--baseline-recomposition FILE`` also times another implementation of the
 re-composition module (e.g. the previous version) for comparison.
@@ -138,6 +140,45 @@ def mixer_case(block_case_: Case, layout, device, dtype) -> Case:
     return Case("mixer", _Mix(block_case_.module, layout, rope, mask), (x,), {}, (x,))
 
 
+def conv_case(block, layout, device, dtype):
+    """Closures timing the Mamba mixer's depthwise causal conv1d alone (PyTorch / cuDNN)."""
+    from harness.flops import scan_length
+
+    conv = block.mixer.conv1d
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(1, conv.in_channels, scan_length(block.cfg, layout), device=device,
+                    dtype=dtype, generator=g)
+
+    def fwd():
+        with torch.no_grad():
+            return conv(x)
+
+    leaf = x.detach().requires_grad_(True)
+    return fwd, forward_backward(lambda: conv(leaf), [leaf], list(conv.parameters()))
+
+
+def top_kernels(fn, device, iters: int = 2, k: int = 15) -> list[dict]:
+    """The ``k`` GPU kernels (and copies) with the most time per call of ``fn``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize(device)
+    per_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            entry = per_name.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.elapsed_us() / iters
+            entry[1] += 1
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:k]
+    return [{"kernel": name[:120], "us_per_call": us, "launches_per_call": n / iters}
+            for name, (us, n) in ranked]
+
+
 def load_module(path: str):
     spec = importlib.util.spec_from_file_location("baseline_recomposition", path)
     module = importlib.util.module_from_spec(spec)
@@ -199,6 +240,15 @@ def measure_layout(layout, mamba_cfg, attn_cfg, baseline, device, dtype, warmup,
         return {"length": length, **timed(fwd, fwdbwd, device, warmup, repeats)}
 
     attempt(res, "scan", scan)
+    attempt(res, "conv1d", lambda: timed(*conv_case(block.module, layout, device, dtype), device,
+                                         warmup, repeats))
+    if device.type == "cuda":
+        for t in block.grad_inputs:
+            t.requires_grad_(True)
+        run = forward_backward(block, block.grad_inputs, list(block.module.parameters()))
+        attempt(res, "mmdim_block_fwdbwd_kernels", lambda: top_kernels(run, device))
+        for t in block.grad_inputs:
+            t.requires_grad_(False)
     del block
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -233,6 +283,7 @@ def summarize(res: dict) -> None:
                                                             get("mmdim_mixer"))
             row[f"recomposition_share{tag}"] = ratio(get("recomposition"), get("mmdim_block"))
             row[f"scan_share{tag}"] = ratio(get("scan"), get("mmdim_block"))
+            row[f"conv1d_share{tag}"] = ratio(get("conv1d"), get("mmdim_block"))
         res["summary"][mode] = row
 
 
@@ -257,6 +308,18 @@ def table(out: dict) -> str:
                 f"{pct(s['recomposition_share_gpu']):>8}{fmt(ms(res, 'scan', mode)):>9}"
                 f"{pct(s['scan_share']):>8}{pct(s['scan_share_gpu']):>8}"
                 f"{fmt(ms(res, 'recomposition_baseline', mode)):>12}")
+    for name, res in out["layouts"].items():
+        s = res["summary"]
+        lines.append(f"{name}: conv1d fwd {fmt(ms(res, 'conv1d', 'fwd'))} ms "
+                     f"({pct(s['fwd']['conv1d_share'])}), fwd+bwd "
+                     f"{fmt(ms(res, 'conv1d', 'fwdbwd'))} ms ({pct(s['fwdbwd']['conv1d_share'])}); "
+                     f"MM-DiM GPU-busy fwd {fmt(ms(res, 'mmdim_block', 'fwd', 'gpu_busy_ms'))} / "
+                     f"fwd+bwd {fmt(ms(res, 'mmdim_block', 'fwdbwd', 'gpu_busy_ms'))} ms")
+        kernels = res.get("mmdim_block_fwdbwd_kernels")
+        if isinstance(kernels, list):
+            for kern in kernels[:8]:
+                us, n = kern["us_per_call"], kern["launches_per_call"]
+                lines.append(f"    {us:>9.0f} us x{n:<4.0f} {kern['kernel'][:90]}")
     return "\n".join(lines)
 
 

@@ -744,10 +744,11 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
                      else "--", label=f"{preset} {h}p {lay}")
         axes[0].plot(x, [p["flops"]["per_block"]["core_mixer"] for p in pts], **style)
         axes[1].plot(x, [p["flops"]["total"] for p in pts], **style)
-        if has_latency:
-            lat = [p["latency"]["latency"]["core_block"]["fwdbwd"]["median_ms"]
-                   if p["latency"] else math.nan for p in pts]
-            axes[2].plot(x, lat, **style)
+        timed = [p for p in pts if p["latency"]]
+        if has_latency and timed:
+            axes[2].plot([p["tokens"] for p in timed],
+                         [p["latency"]["latency"]["core_block"]["fwdbwd"]["median_ms"]
+                          for p in timed], **style)
     titles = ["token mixer FLOPs, one block", "whole model FLOPs, one forward"]
     if has_latency:
         titles.append("core block fwd+bwd latency (ms)")
