@@ -91,9 +91,8 @@ def check_against_loop(inputs, softplus, tol, *, config=None, last_state=True):
 
 SMALL = ScanKernelConfig(fwd_block_l=32, fwd_block_d=8, fwd_warps=2,
                          bwd_block_l=32, bwd_block_d=8, bwd_warps=2)
-# forward tiles 4x shorter than the backward's: checkpoints every 4th forward tile; one channel
-# per forward program
-SPLIT = ScanKernelConfig(fwd_block_l=16, fwd_block_d=1, fwd_warps=1,
+# no-grad forward on one channel per program, 16-step tiles; the other pass on 64 x 4 tiles
+SPLIT = ScanKernelConfig(fwd_block_l=16, fwd_block_d=1, fwd_warps=1, fwd_maxnreg=None,
                          bwd_block_l=64, bwd_block_d=4, bwd_warps=1)
 
 
@@ -122,6 +121,11 @@ def test_long_sequence_many_tiles(config):
     # tens of tiles: state carried across tiles forward and adjoint carried backward
     inputs = make_inputs(1, 16, 16, 2560, torch.float32, seed=3)
     check_against_loop(inputs, True, 2e-4, config=config)
+    with torch.no_grad():  # the forward's own tiles
+        out, last = selective_scan_triton(**inputs, delta_softplus=True, return_last_state=True,
+                                          config=config)
+    ref_out, ref_last = scan_loop(**inputs, delta_softplus=True)
+    assert rel_err(out, ref_out) < 2e-4 and rel_err(last, ref_last) < 2e-4
 
 
 @pytest.mark.gpu
@@ -137,11 +141,14 @@ def test_single_step_and_mixed_dtypes():
 @pytest.mark.gpu
 def test_no_grad_matches_and_backward_is_deterministic():
     inputs = make_inputs(1, 64, 16, 700, torch.bfloat16, seed=6)
-    with torch.no_grad():
+    ref, _ = scan_loop(**inputs, delta_softplus=True)
+    with torch.no_grad():  # no checkpoints: the forward's own (longer) tiles
         out_ng = selective_scan_triton(**inputs, delta_softplus=True)
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     out = selective_scan_triton(**leaves, delta_softplus=True)
-    assert torch.equal(out, out_ng)
+    assert rel_err(out_ng, ref) < 1e-2 and rel_err(out, ref) < 1e-2
+    # the two tilings sum in different orders: equal up to the bf16 rounding of the output
+    assert rel_err(out_ng, out.double()) < 1e-2
     g = torch.randn_like(out)
     first = torch.autograd.grad(out, list(leaves.values()), g, retain_graph=True)
     second = torch.autograd.grad(out, list(leaves.values()), g)
@@ -184,7 +191,7 @@ def test_rejects_bad_inputs():
                                  "C": torch.zeros(1, 65, 8)})
     with pytest.raises(ValueError, match="power of two"):
         ScanKernelConfig(fwd_block_l=48)
-    with pytest.raises(ValueError, match="multiple of fwd_block_l"):
-        ScanKernelConfig(fwd_block_l=128, bwd_block_l=64)
+    with pytest.raises(ValueError, match="maxnreg must be in"):
+        ScanKernelConfig(bwd_maxnreg=300)
     with pytest.raises(ValueError, match="needs CUDA"):
         selective_scan_triton(**good)

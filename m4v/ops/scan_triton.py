@@ -48,18 +48,23 @@ MAX_STATE = 64  # the state loop is unrolled at compile time
 
 @dataclass(frozen=True)
 class ScanKernelConfig:
-    """Tiles (steps x channels) and warps of each pass. The forward checkpoints the state every
-    ``bwd_block_l`` steps, where the backward's tiles start, so ``bwd_block_l`` must be a multiple
-    of ``fwd_block_l``."""
+    """Tiles (steps x channels), warps and register caps of the kernels.
 
-    fwd_block_l: int = 64
-    fwd_block_d: int = 8
-    fwd_warps: int = 2
+    ``fwd_*`` tile the forward when no gradient is needed. When one is, the forward runs on the
+    backward's tiles (``bwd_*``, no register cap) so that it can checkpoint the state where each
+    backward tile starts. Defaults: the fastest of a sweep on an H100 at d = 3840, d_state 16,
+    bf16, L = 16k (reports/benchmarks/scan_gpu.json, ``sweep_at_16k``): capping the no-grad
+    forward at 128 registers raised occupancy and cut it from 2.23 to 1.67 ms; backward tiles
+    longer than 64 steps were slower (more lanes along time, more shuffles).
+    """
+
+    fwd_block_l: int = 256
+    fwd_block_d: int = 4
+    fwd_warps: int = 4
     bwd_block_l: int = 64
     bwd_block_d: int = 8
     bwd_warps: int = 2
-    # register caps per thread (None: the compiler's choice); lower caps buy occupancy for spills
-    fwd_maxnreg: int | None = None
+    fwd_maxnreg: int | None = 128
     bwd_maxnreg: int | None = None
 
     def __post_init__(self):
@@ -68,12 +73,8 @@ class ScanKernelConfig:
             if name.endswith("maxnreg"):
                 if v is not None and not 32 <= v <= 255:
                     raise ValueError(f"ScanKernelConfig.{name} must be in [32, 255], got {v}")
-                continue
-            if v < 1 or v & (v - 1):
+            elif v < 1 or v & (v - 1):
                 raise ValueError(f"ScanKernelConfig.{name} must be a power of two, got {v}")
-        if self.bwd_block_l % self.fwd_block_l:
-            raise ValueError(f"ScanKernelConfig.bwd_block_l ({self.bwd_block_l}) must be a "
-                             f"multiple of fwd_block_l ({self.fwd_block_l})")
 
 
 DEFAULT_CONFIG = ScanKernelConfig()
@@ -121,14 +122,14 @@ def _column(x, at):
 
 
 # tile counts and the batch size only index: no need for a compile per divisibility class
-@triton.jit(do_not_specialize=["n_tiles", "n_ckpt"])
+@triton.jit(do_not_specialize=["n_tiles"])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr,
-    dim, length, bc_len, n_tiles, n_ckpt,
+    dim, length, bc_len, n_tiles,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    SAVE_STATES: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -159,11 +160,10 @@ def _scan_fwd_kernel(
         step_ok = steps < length
         mask = row_ok[:, None] & step_ok[None, :]
         offs = row_base[:, None] + steps[None, :]
-        if SAVE_STATES:
-            if tile % SAVE_EVERY == 0:  # the state entering each backward tile
-                st_base = ((pid_b * n_ckpt + tile // SAVE_EVERY) * dim + rows).to(tl.int64) * N
-                for n in tl.static_range(N):
-                    tl.store(states_ptr + st_base + n, hs[n], mask=row_ok)
+        if SAVE_STATES:  # the state entering each tile, for the backward
+            st_base = ((pid_b * n_tiles + tile) * dim + rows).to(tl.int64) * N
+            for n in tl.static_range(N):
+                tl.store(states_ptr + st_base + n, hs[n], mask=row_ok)
 
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -393,24 +393,26 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
     states (b, backward tiles, d, n) fp32 or None)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A = (t.contiguous() for t in (u, delta, A))
-    n_tiles = triton.cdiv(length, config.fwd_block_l)
-    n_ckpt = triton.cdiv(length, config.bwd_block_l)
-    bc_len = n_ckpt * config.bwd_block_l  # a whole number of tiles of either pass
+    # with a gradient to come, the backward's tiles: the states saved are where its tiles start
+    block_l, block_d, warps, maxnreg = (
+        (config.bwd_block_l, config.bwd_block_d, config.bwd_warps, config.bwd_maxnreg)
+        if save_states else
+        (config.fwd_block_l, config.fwd_block_d, config.fwd_warps, config.fwd_maxnreg))
+    n_tiles = triton.cdiv(length, block_l)
+    bc_len = n_tiles * block_l
     B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     out = torch.empty_like(u)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
-    states = (torch.empty(b, n_ckpt, d, n, device=u.device, dtype=torch.float32)
+    states = (torch.empty(b, n_tiles, d, n, device=u.device, dtype=torch.float32)
               if save_states else last)
-    grid = (triton.cdiv(d, config.fwd_block_d), b)
-    _scan_fwd_kernel[grid](
+    _scan_fwd_kernel[(triton.cdiv(d, block_d), b)](
         u, delta, A, B, C, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
         out, last, states,
-        d, length, bc_len, n_tiles, n_ckpt,
-        N=n, BLOCK_D=config.fwd_block_d, BLOCK_L=config.fwd_block_l,
+        d, length, bc_len, n_tiles,
+        N=n, BLOCK_D=block_d, BLOCK_L=block_l,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), SAVE_STATES=save_states,
-        SAVE_EVERY=config.bwd_block_l // config.fwd_block_l,
-        num_warps=config.fwd_warps, maxnreg=config.fwd_maxnreg,
+        num_warps=warps, maxnreg=maxnreg,
     )
     return out, last, (states if save_states else None)
 
