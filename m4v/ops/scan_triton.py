@@ -29,6 +29,13 @@ comes from the delta tile loaded one step later). From h and g:
 dB and dC are sums over channels that several programs share: every program writes its partial sum
 to its own slice of a float32 buffer, reduced afterwards with ``torch.sum`` (deterministic, no
 atomics). Unlike mamba-ssm, a gradient flowing into ``last_state`` is propagated.
+
+Speed (H100, b=1, d=3840, n=16, bf16, z+softplus; reports/benchmarks/scan_gpu.json): the no-grad
+forward runs about at mamba-ssm's speed (1.67 vs 1.58 ms at 16k), forward+backward at 0.6x
+(11.3 vs 6.7 ms). Both are far from the memory floor (~0.17 ms at 16k): the kernels are latency
+bound at low occupancy (the backward uses all 255 registers and spills). Known costs: the
+adjoint's time reversal (``tl.flip``: ~3 shuffles per element), Triton's cross-lane scan
+(exclusive shift and per-element prefix), and the cross-warp reductions for dB and dC.
 """
 
 from __future__ import annotations
