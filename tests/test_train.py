@@ -27,8 +27,9 @@ from m4v.train.trainer import lr_factor, resolve_run_config
 MINI = {
     "model.hidden_size": 32, "model.num_heads": 2, "model.text_dim": 16, "model.pooled_dim": 16,
     "model.max_text_len": 8, "model.mlp_ratio": 1.0, "model.temporal_dim": 2, "model.d_state": 4,
-    "text.builtin_layers": 1, "text.builtin_heads": 2,
-    "num_frames": 3, "resolution": [16, 16], "batch_size": 4, "warmup_steps": 2, "lr": 3e-3,
+    "text.builtin_layers": 1, "text.builtin_heads": 2, "flow.image_fraction": 0.5,
+    "data.num_workers": 0, "num_frames": 3, "resolution": [16, 16], "batch_size": 4,
+    "warmup_steps": 2, "lr": 3e-3,
     "log_every": 1, "save_every": 2, "sample_at_end": False, "sample.num_prompts": 2,
     "sample.first_frame_steps": [1, 1, 1], "sample.steps": [1, 1, 1],
 }
@@ -135,6 +136,55 @@ def test_loss_falls_on_a_fixed_batch():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.4 * losses[0], losses
+
+
+def test_image_fraction_trains_the_first_frame_alone():
+    seen = []
+    for fraction in (1.0, 0.0):
+        torch.manual_seed(0)
+        task = build_task(mini(**{"flow.image_fraction": fraction}))
+        def record(module, args, fraction=fraction):
+            seen.append((fraction, tuple(args[1])))  # args: frames, frame_ids, sigma, ...
+
+        task.module.model.register_forward_pre_hook(record)
+        batch = [task.dataset[i] for i in range(4)]
+        inputs = task.prepare({"video": torch.stack([b["video"] for b in batch]),
+                               "caption": [b["caption"] for b in batch]}, torch.device("cpu"))
+        for seed in range(6):
+            torch.manual_seed(seed)
+            task.module(**inputs)
+    assert {ids for f, ids in seen if f == 1.0} == {(0,)}  # no history: images
+    assert max(len(ids) for f, ids in seen if f == 0.0) > 1  # videos: frames with history
+
+
+def test_ema_follows_the_warmed_up_decay():
+    from m4v.train.ema import EMA, ema_decay_at
+
+    layer = torch.nn.Linear(2, 1)
+    ema = EMA(layer, decay=0.9)
+    expected = layer.weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        ema.update(n)
+        d = min(0.9, (1 + n) / (10 + n))
+        assert ema_decay_at(0.9, n) == pytest.approx(d)
+        expected = d * expected + (1 - d) * layer.weight.detach()
+        assert torch.allclose(ema.state_dict()["weight"], expected, atol=1e-6)
+
+
+def test_metrics_sinks_receive_what_the_jsonl_holds(tmp_path):
+    from m4v.train.metrics import load_sink
+
+    received = []
+    train(mini(steps=2), tmp_path, sinks=[received.append], progress=False)
+    assert received == read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["event"] for r in received] == ["start", "train", "train", "checkpoint"]
+    assert load_sink("json:dumps") is json.dumps
+    with pytest.raises(ValueError, match="expected 'package.module:callable'"):
+        load_sink("json.dumps")
+    with pytest.raises(ValueError, match="cannot load"):
+        load_sink("json:nothing_here")
 
 
 # ------------------------------------------------------------------------ resume

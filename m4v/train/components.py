@@ -128,10 +128,13 @@ def build_task(cfg: TrainConfig) -> Task:
                            frame_sampling=cfg.flow.frame_sampling, patch_size=cfg.model.patch_size)
     encoder = build_text_encoder(cfg)
     frozen = [codec]
+    image_fraction = cfg.flow.image_fraction
     if text_encoder_trainable(cfg):
-        module = FlowMatchingObjective(build_model(cfg), loss, text_encoder=encoder)
+        module = FlowMatchingObjective(build_model(cfg), loss, text_encoder=encoder,
+                                       image_fraction=image_fraction)
     else:
-        module = FlowMatchingObjective(build_model(cfg), loss, frozen_text_encoder=encoder)
+        module = FlowMatchingObjective(build_model(cfg), loss, frozen_text_encoder=encoder,
+                                       image_fraction=image_fraction)
         frozen.append(encoder)
 
     @torch.no_grad()

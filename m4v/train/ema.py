@@ -40,13 +40,3 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow tensors themselves (loading into this dict in place restores the EMA)."""
         return self.shadow
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Overwrite ``module``'s parameters of the same names with the EMA values."""
-        params = dict(module.named_parameters())
-        missing = sorted(set(self.shadow) - set(params))
-        if missing:
-            raise ValueError(f"module: has no parameters {missing[:5]} that the EMA holds")
-        for n, v in self.shadow.items():
-            params[n].copy_(v)

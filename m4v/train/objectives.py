@@ -38,12 +38,19 @@ class FlowMatchingObjective(nn.Module):
             and calls ``model``).
         text_encoder: a trainable text encoder (a registered submodule: trained, checkpointed).
         frozen_text_encoder: a pretrained encoder run under ``no_grad`` (not registered).
-        Exactly one of the two encoders is given.
+            Exactly one of the two encoders is given.
+        image_fraction: probability that a step trains on the first latent frame of its clips
+            alone, as images (joint image-video training, as PyramidFlow does). Why: the first
+            frame is the only one generated from the text alone (later frames can copy colours
+            and shapes from their history), yet with uniform frame sampling it is only 1/T of
+            the video objective, so the text conditioning would be learned T times slower.
+            The draw uses the global RNG (re-seeded per step by the trainer), one per step, so
+            every rank makes the same number of model calls either way.
     """
 
     def __init__(self, model: nn.Module, loss: PyramidFlowLoss | None, *,
                  text_encoder: nn.Module | None = None,
-                 frozen_text_encoder: TextEncoderFn | None = None):
+                 frozen_text_encoder: TextEncoderFn | None = None, image_fraction: float = 0.0):
         super().__init__()
         if (text_encoder is None) == (frozen_text_encoder is None):
             raise ValueError("text_encoder / frozen_text_encoder: expected exactly one of them")
@@ -51,6 +58,9 @@ class FlowMatchingObjective(nn.Module):
         self.text_encoder = text_encoder
         self._frozen = [frozen_text_encoder]  # a list: kept out of the module tree on purpose
         self.loss = loss
+        if not 0 <= image_fraction <= 1:
+            raise ValueError(f"image_fraction: got {image_fraction}, expected in [0, 1]")
+        self.image_fraction = image_fraction
         stages = loss.schedule.stages if loss is not None else 0
         self.stat_names = ["loss", *(f"loss_stage{s}" for s in range(stages))]
 
@@ -66,6 +76,8 @@ class FlowMatchingObjective(nn.Module):
         """latents (b, C, T, h, w) clean; captions b strings -> (loss, stats)."""
         if self.loss is None:
             raise RuntimeError("FlowMatchingObjective was built without a loss (inference only)")
+        if self.image_fraction and float(torch.rand(())) < self.image_fraction:
+            latents = latents[:, :, :1]
         text, empty = self.encode_text(captions)
         out = self.loss(self.model, latents, text, empty)
         stats = {"loss": out.loss.detach()}

@@ -145,7 +145,7 @@ def _set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
     return count
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (all ranks agree on a reduced norm), else ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -249,7 +249,7 @@ class Trainer:
             loss, stats = self.module(**inputs)
         loss.backward()
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = _local(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
