@@ -29,7 +29,7 @@ MINI = {
     "model.max_text_len": 8, "model.mlp_ratio": 1.0, "model.temporal_dim": 2, "model.d_state": 4,
     "text.builtin_layers": 1, "text.builtin_heads": 2, "flow.image_fraction": 0.5,
     "data.num_workers": 0, "num_frames": 3, "resolution": [16, 16], "batch_size": 4,
-    "warmup_steps": 2, "lr": 3e-3,
+    "warmup_steps": 2, "lr": 3e-3, "device": "cpu",
     "log_every": 1, "save_every": 2, "sample_at_end": False, "sample.num_prompts": 2,
     "sample.first_frame_steps": [1, 1, 1], "sample.steps": [1, 1, 1],
 }
@@ -332,11 +332,13 @@ def test_captions_that_do_not_match_the_videos(tmp_path):
 
 
 def test_vae_stage_trains_and_exports_a_codec(tmp_path):
+    with pytest.raises(SystemExit, match=r"num_frames: got 8, expected 1 \+ 8k for stage vae"):
+        train_main(["--run-dir", str(tmp_path), "--stage", "vae"])
     from m4v.vae import load_codec
 
     cfg = apply_overrides(TrainConfig.preset_config("tiny"), {
         "stage": "vae", "num_frames": 9, "resolution": [16, 16], "batch_size": 2, "steps": 2,
-        "log_every": 1, "vae.widths": [4, 8, 8, 8],
+        "log_every": 1, "vae.widths": [4, 8, 8, 8], "device": "cpu", "data.num_workers": 0,
     })
     result = train(cfg, tmp_path, progress=False)
     assert result.step == 2 and result.samples == [tmp_path / "vae"]

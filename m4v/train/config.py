@@ -160,6 +160,12 @@ class TrainConfig:
             "flow.stage_ratios": (len(self.flow.stage_ratios) == stages,
                                   f"{stages} values (one per stage)"),
         }
+        if self.stage == "vae":
+            f = self.vae.factor
+            checks["num_frames"] = ((self.num_frames - 1) % f == 0,
+                                    f"1 + {f}k for stage vae (e.g. --set num_frames={1 + f})")
+            checks["resolution"] = (all(s % f == 0 for s in self.resolution),
+                                    f"multiples of {f} for stage vae")
         bad = [f"{k}: got {_get_path(self, k)!r}, expected {want}"
                for k, (ok, want) in checks.items() if not ok]
         if bad:

@@ -5,8 +5,11 @@ is a *sink*: a callable ``sink(record: dict) -> None`` given to :func:`m4v.train
 on the command line as ``--metrics-sink package.module:callable``. m4v never imports the harness;
 the harness registers itself this way, or ingests the JSONL afterwards.
 
-Every record has ``step`` (optimiser steps done) and ``time`` (unix seconds); training records add
-``loss``, ``lr``, ``grad_norm``, ``samples_per_s`` and per-stage losses. On resume, records past
+Every record has ``event``, ``step`` (optimiser steps done) and ``time`` (unix seconds). Events:
+``start`` (each invocation: ``run_dir``, ``world_size``, ``parallel``, the full ``config``; a sink
+keys its run on it), ``train`` (means over the last ``log_every`` steps and ranks: ``loss``,
+``loss_stage<k>``, ``grad_norm``, ``lr``, ``samples_per_s``), ``checkpoint`` (``path``) and
+``samples`` (``folder``, ``count``). Non-finite values are written as null. On resume, records past
 the checkpoint's step (written after the last save by the interrupted process) are dropped: those
 steps are trained again and logged again, so the curve never holds two values for one step.
 """
