@@ -21,10 +21,11 @@ ENV = ROOT / ".nox" / "m4v"
 PYTHON = ENV / "bin" / "python"
 # torchvision (needed by open_clip, timm and vbench) is built against one torch release.
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
-# vbench 0.1.5 pins numpy<2, transformers==4.33.2 and timm<=1.0.12, which would break the rest of
-# the environment; it is installed without its pins and its real imports come from the `vbench`
-# extra of pyproject.toml.
-NO_DEPS = ["vbench==0.1.5"]
+# vbench 0.1.5 pins numpy<2, transformers==4.33.2 and timm<=1.0.12, and pyiqa (its MUSIQ for
+# imaging_quality) pulls a long list it does not need for MUSIQ; both would break the rest of the
+# environment, so they are installed without their pins and their real imports come from the
+# `vbench` extra of pyproject.toml.
+NO_DEPS = ["vbench==0.1.5", "pyiqa==0.1.16"]
 
 
 def _stamp() -> str:
@@ -64,7 +65,7 @@ def lint(session: nox.Session) -> None:
 def train(session: nox.Session) -> None:
     """Train the embedded default (tiny M4V on the Shapes world) into runs/default."""
     py = env(session)
-    session.run(py, "-m", "m4v.train", *(session.posargs or ["--run-dir", "runs/default"]))
+    session.run(py, "-m", "m4v.train", *(session.posargs or ["--preset", "tiny", "--run-dir", "runs/default"]))
 
 
 @nox.session
