@@ -408,7 +408,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
     n_tiles = triton.cdiv(length, block_l)
     bc_len = n_tiles * block_l
     B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
-    out = torch.empty_like(u)
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     states = (torch.empty(b, n_tiles, d, n, device=u.device, dtype=torch.float32)
               if save_states else last)
@@ -437,9 +437,12 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
     d_blocks = triton.cdiv(d, config.bwd_block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
+    # The kernel writes row-major (b, d, l). empty_like would copy a non-dense input's stride
+    # order (the model's z is a transposed half of in_proj's output), scrambling dz.
+    dense = dict(memory_format=torch.contiguous_format)
+    du = torch.empty_like(u, **dense)
+    ddelta = torch.empty_like(delta, **dense)
+    dz = torch.empty_like(z, **dense) if z is not None else None
     dA_part = torch.empty(b, d, n, **f32)
     dD_part = torch.empty(b, d, **f32) if D is not None else None
     dbias_part = torch.empty(b, d, **f32) if delta_bias is not None else None
