@@ -388,7 +388,7 @@ def test_gpu_backends_match_reference(backend):
 @pytest.mark.gpu
 def test_auto_prefers_a_fused_kernel_on_cuda():
     expected = next(
-        (b for b in ("triton", "mamba_ssm") if backend_unavailable_reason(b, "cuda") is None),
+        (b for b in ("mamba_ssm", "triton") if backend_unavailable_reason(b, "cuda") is None),
         "torch",
     )
     assert resolve_backend("auto", "cuda") == expected
