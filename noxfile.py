@@ -65,12 +65,13 @@ def lint(session: nox.Session) -> None:
 def train(session: nox.Session) -> None:
     """Train the embedded default (tiny M4V on the Shapes world) into runs/default."""
     py = env(session)
-    session.run(py, "-m", "m4v.train", *(session.posargs or ["--preset", "tiny", "--run-dir", "runs/default"]))
+    args = session.posargs or ["--preset", "tiny", "--run-dir", "runs/default"]
+    session.run(py, "-m", "m4v.train", *args)
 
 
 @nox.session
 def vbench(session: nox.Session) -> None:
-    """Evaluate the latest checkpoint of `nox -s train` (Shapes suite + VBench dims with weights)."""
+    """Evaluate the latest checkpoint of `nox -s train` (Shapes suite + VBench dimensions)."""
     py = env(session)
     session.run(py, "-m", "harness.vbench", *session.posargs)
 

@@ -5,7 +5,8 @@ list of ``dataclasses.replace`` calls on one preset:
 
 * ``registers``           learnable register token before every frame in the MM-DiM sequence;
 * ``text_recomposition``  text both prepended and appended (True) or prepended only (False);
-* ``mm_recomposition``    frames flattened in the layer's zigzag order (True) or raster order (False);
+* ``mm_recomposition``    frames flattened in the layer's zigzag order (True) or raster order
+                          (False);
 * ``temporal_branch``     causal attention over frame-level tokens in parallel with the SSM.
 
 ``mixer="attention"`` swaps every MM-DiM block for a single-stream attention block of the same
@@ -65,11 +66,13 @@ class M4VConfig:
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"hidden_size: got {self.hidden_size}, expected a multiple of num_heads={self.num_heads}"
+                f"hidden_size: got {self.hidden_size}, "
+                f"expected a multiple of num_heads={self.num_heads}"
             )
         if self.head_dim % 4:
             raise ValueError(
-                f"head_dim: got {self.head_dim} (hidden_size / num_heads), expected a multiple of 4 "
+                f"head_dim: got {self.head_dim} (hidden_size / num_heads), "
+                "expected a multiple of 4 "
                 "so that 3D RoPE can split it into t, h, w parts"
             )
         for name in ("in_channels", "patch_size", "max_text_len", "d_state", "expand", "d_conv",

@@ -1,4 +1,4 @@
-"""The M4V model: re-composition, ablation switches, causality, attention mask, RoPE, scale, overfit."""
+"""The M4V model: re-composition, switches, causality, attention mask, RoPE, scale, overfit."""
 
 import math
 
@@ -117,7 +117,8 @@ def test_switch_text_recomposition_changes_sequence_length():
 
 
 def test_switch_temporal_branch_parameters():
-    assert not any("temporal" in n for n, _ in M4V(TINY.replace(temporal_branch=False)).named_parameters())
+    off = M4V(TINY.replace(temporal_branch=False))
+    assert not any("temporal" in n for n, _ in off.named_parameters())
     assert any("temporal" in n for n, _ in M4V(TINY).named_parameters())
 
 

@@ -62,7 +62,7 @@ class MMDiTBlock(nn.Module):
             m = s.mod(c)  # shift, scale, gate (attention); shift, scale, gate (MLP)
             mods.append(m)
             qkvs.append(s.qkv(modulate(s.norm1(x), m[0], m[1])))
-        qkv = tuple(torch.cat([a, b], dim=2) for a, b in zip(*qkvs))
+        qkv = tuple(torch.cat([a, b], dim=2) for a, b in zip(*qkvs, strict=True))
         attn = joint_attention(qkv, layout, rope, text_mask)
         lt = layout.text_len
         out = []
@@ -94,7 +94,8 @@ class MMDiMBlock(nn.Module):
                          if cfg.temporal_branch else None)
         self.mlp = Mlp(d, cfg.mlp_ratio) if cfg.mlp_ratio > 0 else None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6) if self.mlp else None
-        # shift, scale, gate for the mixer [+ gate of the temporal branch] [+ shift, scale, gate MLP]
+        # shift, scale, gate for the mixer [+ gate of the temporal branch]
+        # [+ shift, scale, gate of the MLP]
         self.mod = AdaLN(d, 3 + (self.temporal is not None) + 3 * (self.mlp is not None))
 
     def sequence_spec(self, layout: ClipLayout) -> SequenceSpec:

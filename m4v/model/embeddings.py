@@ -71,7 +71,7 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear: the vector embedder used for both the noise level and pooled text."""
+    """Linear -> SiLU -> Linear: the vector embedder of both the noise level and pooled text."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()

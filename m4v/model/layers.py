@@ -14,7 +14,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class AdaLN(nn.Module):
-    """SiLU(c) -> Linear -> ``n`` chunks of width d, zero-initialised (adaLN-Zero: blocks start as identity)."""
+    """SiLU(c) -> Linear -> ``n`` chunks of width d, zero-initialised (adaLN-Zero: blocks start
+    as the identity)."""
 
     def __init__(self, hidden: int, n: int):
         super().__init__()

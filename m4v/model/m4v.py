@@ -67,7 +67,9 @@ class M4V(nn.Module):
         return unpatchify(out, self.cfg.patch_size, self.cfg.in_channels, h, w).float()
 
     def backbone(self, frames, frame_ids, sigma, text, text_mask, pooled):
-        """Embeddings and all blocks: -> (text (b, max_text_len, d), video (b, Lv, d), c, layout)."""
+        """Embeddings and all blocks.
+
+        Returns (text (b, max_text_len, d), video (b, Lv, d), c, layout)."""
         layout = self.check_inputs(frames, frame_ids, sigma, text, text_mask, pooled)
         cfg = self.cfg
         pad = cfg.max_text_len - text.shape[1]  # text always fills the fixed prepend length
@@ -102,7 +104,7 @@ class M4V(nn.Module):
             raise ValueError(f"frame_ids: got {len(frame_ids)} ids, expected one per frame "
                              f"({len(frames)})")
         ids = [int(i) for i in frame_ids]
-        if any(b2 <= a for a, b2 in zip(ids, ids[1:])):
+        if any(b2 <= a for a, b2 in zip(ids, ids[1:], strict=False)):
             raise ValueError(f"frame_ids: got {ids}, expected strictly increasing")
         if tuple(sigma.shape) != (b,):
             raise ValueError(f"sigma: got shape {tuple(sigma.shape)}, expected ({b},)")

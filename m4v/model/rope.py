@@ -23,7 +23,7 @@ def video_positions(layout: ClipLayout) -> Tensor:
     """(Lv, 3) float64 (t, h, w) position of every video token, frames in order, raster inside."""
     ref_h, ref_w = layout.current_size
     rows = []
-    for (h, w), t in zip(layout.frame_sizes, layout.frame_ids):
+    for (h, w), t in zip(layout.frame_sizes, layout.frame_ids, strict=True):
         ph = axis_positions(h, ref_h)[:, None].expand(h, w)
         pw = axis_positions(w, ref_w)[None, :].expand(h, w)
         pt = torch.full((h, w), float(t), dtype=torch.float64)
@@ -32,7 +32,7 @@ def video_positions(layout: ClipLayout) -> Tensor:
 
 
 def rope_angles(positions: Tensor, axes: tuple[int, int, int], theta: float = 10000.0) -> Tensor:
-    """(L, 3) positions -> (L, sum(axes) / 2) rotation angles; each axis gets its own frequencies."""
+    """(L, 3) positions -> (L, sum(axes) / 2) rotation angles; each axis has its own frequencies."""
     parts = []
     for i, dim in enumerate(axes):
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)

@@ -33,7 +33,9 @@ def temporal_grid(frame_sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     return hs, ws
 
 
-def frame_level_tokens(x: Tensor, layout: ClipLayout, grid: tuple[int, int]) -> tuple[Tensor, list[int]]:
+def frame_level_tokens(
+    x: Tensor, layout: ClipLayout, grid: tuple[int, int]
+) -> tuple[Tensor, list[int]]:
     """Video features (b, Lv, c) -> frame-level tokens (b, n_tok, c*hs*ws) and each token's frame.
 
     History frames give one pooled token each; the last (current) frame gives k*k split tokens.
@@ -42,7 +44,7 @@ def frame_level_tokens(x: Tensor, layout: ClipLayout, grid: tuple[int, int]) -> 
     hs, ws = grid
     tokens, owner = [], []
     last = len(layout.frame_sizes) - 1
-    for i, ((h, w), off) in enumerate(zip(layout.frame_sizes, layout.frame_offsets)):
+    for i, ((h, w), off) in enumerate(zip(layout.frame_sizes, layout.frame_offsets, strict=True)):
         f = x[:, off:off + h * w].transpose(1, 2).reshape(b, c, h, w)
         if i < last:
             tokens.append(F.adaptive_avg_pool2d(f, grid).reshape(b, 1, c * hs * ws))
@@ -78,13 +80,15 @@ class TemporalBranch(nn.Module):
     def __init__(self, hidden: int, dim: int, heads: int = 1):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"temporal_heads: got {heads}, expected a divisor of temporal_dim={dim}")
+            raise ValueError(
+                f"temporal_heads: got {heads}, expected a divisor of temporal_dim={dim}"
+            )
         self.dim, self.heads = dim, heads
         self.qkv = nn.Linear(hidden, 3 * dim)
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, video: Tensor, layout: ClipLayout) -> Tensor:
-        """video (b, Lv, hidden), already modulated -> (b, Lv, hidden) update for the video tokens."""
+        """video (b, Lv, hidden), already modulated -> (b, Lv, hidden) update of the video."""
         grid = temporal_grid(layout.frame_sizes)
         q, k, v = self.qkv(video).chunk(3, dim=-1)
         (q, owner), (k, _), (v, _) = (frame_level_tokens(t, layout, grid) for t in (q, k, v))

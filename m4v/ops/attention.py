@@ -60,7 +60,9 @@ def block_causal_attention(
     """
     total = text_len + sum(frame_lens)
     if q.shape[2] != total:
-        raise ValueError(f"q: got sequence length {q.shape[2]}, expected text_len + frames = {total}")
+        raise ValueError(
+            f"q: got sequence length {q.shape[2]}, expected text_len + frames = {total}"
+        )
     outs = []
     for q_start, q_end, k_end in query_groups(text_len, frame_lens):
         mask = _key_mask(text_mask, k_end)

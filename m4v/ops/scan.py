@@ -23,8 +23,8 @@ Backends (``backend=``):
 * ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when it can be imported. Its backward ignores the
   gradient of the last state (only ``out`` is differentiated); the other backends propagate both.
 * ``"auto"``: CUDA tensors: mamba_ssm, else triton, else torch; any other device: torch. The
-  order is measured, not hoped for: on an H100 mamba-ssm's kernel is 1.5-1.8x faster than ours
-  forward+backward (reports/benchmarks/scan_gpu.json).
+  order is measured: on an H100 and an H200 mamba-ssm's kernel is 1.6-1.9x faster than ours
+  forward+backward (reports/benchmarks/scan_gpu.json, scan_gpu_h100.json).
 
 FLOPs (:func:`selective_scan_flops`), counting every multiply, add and transcendental as one,
 per state element (b, d, l, n) of the forward recurrence as defined (sequential evaluation):

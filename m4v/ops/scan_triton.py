@@ -30,10 +30,12 @@ dB and dC are sums over channels that several programs share: every program writ
 to its own slice of a float32 buffer, reduced afterwards with ``torch.sum`` (deterministic, no
 atomics). Unlike mamba-ssm, a gradient flowing into ``last_state`` is propagated.
 
-Speed (H100, b=1, d=3840, n=16, bf16, z+softplus; reports/benchmarks/scan_gpu.json): the no-grad
-forward runs about at mamba-ssm's speed (1.67 vs 1.58 ms at 16k), forward+backward at 0.6x
-(11.3 vs 6.7 ms). Both are far from the memory floor (~0.17 ms at 16k): the kernels are latency
-bound at low occupancy (the backward uses all 255 registers and spills). Known costs: the
+Speed (b=1, d=3840, n=16, bf16, z+softplus; mamba-ssm 2.3.2 in the same run): on an H200
+(reports/benchmarks/scan_gpu.json) the no-grad forward runs at 0.90-0.94x mamba-ssm's speed at
+16k-64k (1.70 vs 1.54 ms at 16k), forward+backward at 0.53-0.60x (11.0 vs 6.6 ms); the H100
+figures and the tile sweep are in scan_gpu_h100.json. Both are far from the memory floor
+(~0.17 ms at 16k): the kernels are latency bound at low occupancy (the backward uses all 255
+registers and spills). Known costs: the
 adjoint's time reversal (``tl.flip``: ~3 shuffles per element), Triton's cross-lane scan
 (exclusive shift and per-element prefix), and the cross-warp reductions for dB and dC.
 """
@@ -60,7 +62,7 @@ class ScanKernelConfig:
     ``fwd_*`` tile the forward when no gradient is needed. When one is, the forward runs on the
     backward's tiles (``bwd_*``, no register cap) so that it can checkpoint the state where each
     backward tile starts. Defaults: the fastest of a sweep on an H100 at d = 3840, d_state 16,
-    bf16, L = 16k (reports/benchmarks/scan_gpu.json, ``sweep_at_16k``): capping the no-grad
+    bf16, L = 16k (reports/benchmarks/scan_gpu_h100.json, ``sweep_at_16k``): capping the no-grad
     forward at 128 registers raised occupancy and cut it from 2.23 to 1.67 ms; backward tiles
     longer than 64 steps were slower (more lanes along time, more shuffles).
     """
