@@ -37,6 +37,7 @@ from harness.profile import (
     block_case,
     clip_geometry,
     clip_layout,
+    cuda_kernel_events,
     device_name,
     forward_backward,
     gpu_busy_ms,
@@ -159,21 +160,11 @@ def conv_case(block, layout, device, dtype):
 
 def top_kernels(fn, device, iters: int = 2, k: int = 15) -> list[dict]:
     """The ``k`` GPU kernels (and copies) with the most time per call of ``fn``."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize(device)
     per_name: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            entry = per_name.setdefault(e.name, [0.0, 0])
-            entry[0] += e.time_range.elapsed_us() / iters
-            entry[1] += 1
+    for e in cuda_kernel_events(fn, device, iters):
+        entry = per_name.setdefault(e.name, [0.0, 0])
+        entry[0] += e.time_range.elapsed_us() / iters
+        entry[1] += 1
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:k]
     return [{"kernel": name[:120], "us_per_call": us, "launches_per_call": n / iters}
             for name, (us, n) in ranked]

@@ -362,6 +362,13 @@ def gpu_busy_ms(fn: Callable[[], object], device: torch.device | str,
     device = torch.device(device)
     if device.type != "cuda":
         return None
+    us = sum(e.time_range.elapsed_us() for e in cuda_kernel_events(fn, device, iters))
+    return us / iters / 1e3
+
+
+def cuda_kernel_events(fn: Callable[[], object], device: torch.device, iters: int) -> list:
+    """The profiler's GPU events (kernels and copies) of ``iters`` calls of ``fn()``, after one
+    untraced call (warm-up: compilation, allocator growth)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -371,8 +378,7 @@ def gpu_busy_ms(fn: Callable[[], object], device: torch.device | str,
         for _ in range(iters):
             fn()
         torch.cuda.synchronize(device)
-    us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return us / iters / 1e3
+    return [e for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int | None:
