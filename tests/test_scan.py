@@ -401,3 +401,29 @@ def test_softplus_matches_torch_definition():
     out = selective_scan(**x, delta_softplus=True, backend="torch")
     manual = selective_scan(**dict(x, delta=F.softplus(x["delta"])), backend="reference")
     assert_close_rel(out, manual, 1e-12, "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fast_softplus_is_within_an_ulp_or_two(dtype):
+    """The torch backend's softplus (vectorised kernels only) against float64 softplus."""
+    # down to -80: float32 softplus stays a normal number; up to 120: far past the threshold
+    x = torch.cat([torch.linspace(-80, 120, 100_001), torch.tensor([20.0, 19.99, 0.0])]).to(dtype)
+    got = scan_torch._softplus(x)
+    want = F.softplus(x.double())  # threshold 20: x itself above
+    rel = ((got.double() - want).abs() / want).max()
+    assert rel <= 2 * torch.finfo(dtype).eps, f"relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_torch_backend_leaves_its_inputs_alone(dtype):
+    """The chunked scan works in place on its own buffers only (same-dtype .to() aliases)."""
+    x = make_inputs(length=21, dtype=dtype)
+    args = [x[k] for k in NAMES]
+    before = [t.clone() for t in args]
+    dout, dlast = torch.randn_like(x["u"]), torch.randn(2, 3, 4, dtype=dtype)
+    saved = dout.clone(), dlast.clone()
+    scan_torch.scan_forward(*args, True)
+    scan_torch.scan_backward(dout, dlast, *args, True)
+    for name, t, t0 in zip(NAMES, args, before, strict=True):
+        assert torch.equal(t, t0), name
+    assert torch.equal(dout, saved[0]) and torch.equal(dlast, saved[1])
