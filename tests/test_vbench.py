@@ -440,6 +440,16 @@ def test_folder_items_and_prompt_mapping(videos, tmp_path):
         suites.folder_items(videos, mapping)
 
 
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    db = tmp_path / "r.duckdb"
+    assert cli.main(["--checkpoint", str(tmp_path / "nothing"), "--store", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint:") and "does not exist" in err
+    (tmp_path / "empty-run").mkdir()
+    assert cli.main(["--checkpoint", str(tmp_path / "empty-run"), "--store", str(db)]) == 1
+    assert capsys.readouterr().err.startswith("error: checkpoint: no complete checkpoint")
+
+
 def test_cli_on_a_folder_of_videos(cache, videos, tmp_path, capsys):
     db = tmp_path / "r.duckdb"
     argv = ["--videos", str(videos), "--name", "some-model", "--cache-dir", str(cache),

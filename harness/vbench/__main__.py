@@ -223,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     store = Store(args.store)
-    inputs = _from_folder(args) if args.videos else _from_checkpoint(args, store)
+    try:
+        inputs = _from_folder(args) if args.videos else _from_checkpoint(args, store)
+    except (ValueError, FileNotFoundError) as e:  # no checkpoint, a bad prompt list or mapping
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if inputs.missing:
         print(f"WARNING: {len(inputs.missing)} expected video(s) missing from {inputs.folder}, "
               f"e.g. {inputs.missing[:3]}: results over an incomplete suite are not comparable")
