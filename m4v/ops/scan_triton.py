@@ -35,9 +35,9 @@ Speed (b=1, d=3840, n=16, bf16, z+softplus; mamba-ssm 2.3.2 in the same run): on
 16k-64k (1.70 vs 1.54 ms at 16k), forward+backward at 0.53-0.60x (11.0 vs 6.6 ms); the H100
 figures and the tile sweep are in scan_gpu_h100.json. Both are far from the memory floor
 (~0.17 ms at 16k): the kernels are latency bound at low occupancy (the backward uses all 255
-registers and spills). Known costs: the
-adjoint's time reversal (``tl.flip``: ~3 shuffles per element), Triton's cross-lane scan
-(exclusive shift and per-element prefix), and the cross-warp reductions for dB and dC.
+registers and spills). Known costs: the adjoint's time reversal (``tl.flip``: ~3 shuffles per
+element), Triton's cross-lane scan (exclusive shift and per-element prefix), and the cross-warp
+reductions for dB and dC.
 """
 
 from __future__ import annotations
