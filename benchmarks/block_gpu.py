@@ -64,32 +64,35 @@ def timed(fn_fwd, fn_fwdbwd, device, warmup, repeats) -> dict:
     return out
 
 
+def round_trip(module, x, mask, register, spec):
+    """The block's re-composition and its inverse, joint stream in and out. A baseline module of
+    the earlier API (text and video apart) is called the way the block then called it."""
+    if hasattr(module, "joint_to_sequence"):
+        return module.decompose(module.joint_to_sequence(x, mask, register, spec), mask, spec)
+    lt = mask.shape[1]
+    seq = module.recompose(x[:, :lt], mask, x[:, lt:], register, spec)
+    return torch.cat(module.decompose(seq, mask, spec), 1)
+
+
 def recomposition_case(module, block, layout, device, dtype):
-    """Closures timing module.recompose + module.decompose on the block's shapes."""
+    """Closures timing the re-composition round trip on the block's shapes."""
     g = torch.Generator(device=device).manual_seed(1)
     d = block.cfg.hidden_size
-    text = torch.randn(1, layout.text_len, d, device=device, dtype=dtype, generator=g)
-    video = torch.randn(1, layout.video_len, d, device=device, dtype=dtype, generator=g)
+    x = torch.randn(1, layout.text_len + layout.video_len, d, device=device, dtype=dtype,
+                    generator=g)
     mask = torch.ones(1, layout.text_len, dtype=torch.bool, device=device)
     register = block.register
     cfg = block.cfg
     spec = module.SequenceSpec(layout.frame_sizes, block.direction, cfg.registers,
                                cfg.text_recomposition)
 
-    def call():
-        return module.decompose(module.recompose(text, mask, video, register, spec), mask, spec)
-
     def fwd():
         with torch.no_grad():
-            return call()
+            return round_trip(module, x, mask, register, spec)
 
-    leaves = [t.detach().requires_grad_(True) for t in (text, video)]
-
-    def call_grad():
-        return module.decompose(module.recompose(leaves[0], mask, leaves[1], register, spec),
-                                mask, spec)
-
-    return fwd, forward_backward(call_grad, leaves, [register])
+    leaf = x.detach().requires_grad_(True)
+    return fwd, forward_backward(lambda: round_trip(module, leaf, mask, register, spec), [leaf],
+                                 [register])
 
 
 def scan_case(block, layout, device, dtype):
@@ -192,7 +195,7 @@ def attempt(results: dict, key: str, fn):
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    backend, note = working_scan_backend(device)
+    backend, note = working_scan_backend(device, args.scan_backend)
     mamba_cfg = M4VConfig.preset(args.presets[0]).replace(scan_backend=backend)
     attn_cfg = M4VConfig.preset(args.presets[1])
     geom = clip_geometry(*args.clip)
@@ -321,6 +324,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--baseline-recomposition", default=None)
+    parser.add_argument("--scan-backend", default="auto",
+                        help="the MM-DiM block's scan (auto, triton, mamba_ssm, torch)")
     parser.add_argument("--presets", nargs=2, default=["m4v-2b", "attention-2b"],
                         metavar=("MAMBA", "ATTENTION"))
     parser.add_argument("--clip", nargs=3, type=int, default=[768, 1280, 121],

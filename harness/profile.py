@@ -555,8 +555,10 @@ def _scan_backend(cfg: M4VConfig, device: torch.device) -> str | None:
     return resolve_backend(cfg.scan_backend, device)
 
 
-def working_scan_backend(device: torch.device | str) -> tuple[str, str | None]:
-    """The backend "auto" picks for ``device`` if it runs and agrees with "torch", else "torch".
+def working_scan_backend(device: torch.device | str, wanted: str = "auto"
+                         ) -> tuple[str, str | None]:
+    """The backend ``wanted`` ("auto": the one it picks for ``device``) if it runs and agrees
+    with "torch", else "torch".
 
     Returns (backend, why the automatic choice was rejected or None). A benchmark run on a lent
     GPU must not lose its Mamba measurements to a scan kernel still under development.
@@ -564,7 +566,7 @@ def working_scan_backend(device: torch.device | str) -> tuple[str, str | None]:
     from m4v.ops.scan import resolve_backend, selective_scan
 
     device = torch.device(device)
-    chosen = resolve_backend("auto", device)
+    chosen = resolve_backend(wanted, device)
     if chosen in ("torch", "reference"):
         return chosen, None
     g = torch.Generator(device=device).manual_seed(0)

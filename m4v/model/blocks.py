@@ -17,7 +17,7 @@ from m4v.config import M4VConfig
 from m4v.model.embeddings import ClipLayout
 from m4v.model.layers import QKV, AdaLN, Mlp, modulate, rotate_video
 from m4v.model.mamba import MambaMixer
-from m4v.model.recomposition import SequenceSpec, decompose, recompose
+from m4v.model.recomposition import SequenceSpec, decompose, joint_to_sequence
 from m4v.model.temporal import TemporalBranch
 from m4v.ops.attention import block_causal_attention
 
@@ -102,15 +102,16 @@ class MMDiMBlock(nn.Module):
         return SequenceSpec(layout.frame_sizes, self.direction, self.cfg.registers,
                             self.cfg.text_recomposition)
 
-    def mix(self, x: Tensor, layout: ClipLayout, rope, text_mask: Tensor) -> Tensor:
-        """The token mixer over the joint stream x (b, Lt + Lv, d) -> (b, Lt + Lv, d)."""
-        lt = layout.text_len
+    def mix(self, x: Tensor, layout: ClipLayout, rope, text_mask: Tensor
+            ) -> tuple[Tensor, Tensor]:
+        """The token mixer over the joint stream x (b, Lt + Lv, d) -> text (b, Lt, d), video
+        (b, Lv, d)."""
         if self.cfg.mixer == "attention":
-            return self.proj(joint_attention(self.qkv(x), layout, rope, text_mask))
+            out = self.proj(joint_attention(self.qkv(x), layout, rope, text_mask))
+            return out[:, : layout.text_len], out[:, layout.text_len:]
         spec = self.sequence_spec(layout)
-        seq = recompose(x[:, :lt], text_mask, x[:, lt:], self.register, spec)
-        text, video = decompose(self.mixer(seq), text_mask, spec)
-        return torch.cat([text, video], dim=1)
+        return decompose(self.mixer(joint_to_sequence(x, text_mask, self.register, spec)),
+                         text_mask, spec)
 
     def forward(self, text: Tensor, video: Tensor, c: Tensor, layout: ClipLayout, rope,
                 text_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,8 +119,8 @@ class MMDiMBlock(nn.Module):
         mods = iter(self.mod(c))
         shift, scale, gate = next(mods), next(mods), next(mods)
         h = modulate(self.norm1(torch.cat([text, video], dim=1)), shift, scale)
-        mixed = gate[:, None] * self.mix(h, layout, rope, text_mask)
-        text, video = text + mixed[:, :lt], video + mixed[:, lt:]
+        mixed_text, mixed_video = self.mix(h, layout, rope, text_mask)
+        text, video = text + gate[:, None] * mixed_text, video + gate[:, None] * mixed_video
         if self.temporal is not None:
             video = video + next(mods)[:, None] * self.temporal(h[:, lt:], layout)
         x = torch.cat([text, video], dim=1)

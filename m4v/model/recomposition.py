@@ -15,22 +15,24 @@ Either copy alone would drop one direction of the fusion from the text stream; t
 and is what the next layer's prepended copy then carries. Without text re-composition the text
 stream is the prepended copy alone.
 
-Cost. The video part of S (registers + permuted frames, the "middle") depends only on the frame
-sizes and the layer's direction: its indices are built once per (spec, device) and cached on that
-device, so a call never copies an index from the host (a pageable host-to-device copy stalls the
-launch queue). Moving the video is one ``index_select`` each way, and the two directions are each
-other's adjoint, so the backward of one is the forward of the other: a gather, never a scatter-add
-into a zero-filled buffer. The text (at most ``max_text_len`` tokens) goes through plain autograd.
-Raster order without registers needs no gather at all.
+Cost. Both directions are row gathers. Every row of S reads one row of the joint stream
+``[text, video]`` (b, Lt + Lv, d) flattened, of a zero row (text padding) or of the register, so
+building S is one ``index_select`` from the rows padded with [zero, register]; the way back is one
+``index_select`` of S for the video and two small ones (the text copies, Lt rows each). Each
+direction is a single autograd node whose backward is again a gather (never a scatter-add: no
+atomics, deterministic). The row tables depend on the text mask and the spec: they are built on
+the device once per (mask, spec) and reused by every block of a forward that sees the same mask
+(a pageable host-to-device copy per call would stall the launch queue).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -74,81 +76,6 @@ def video_scan_index(spec: SequenceSpec) -> tuple[Tensor, Tensor]:
     return forward, inverse
 
 
-@dataclass(frozen=True, eq=False)
-class MiddleIndex:
-    """:func:`video_scan_index` in the form the gathers use, on one device."""
-
-    gather: Tensor  # (Lm,) video token at each middle position (register slots: 0, overwritten)
-    inverse: Tensor  # (Lv,) middle position of each video token
-    registers: Tensor  # (n_registers,) middle positions of the registers
-    identity: bool  # the middle is the video itself (raster order, no registers)
-
-
-@lru_cache(maxsize=256)
-def middle_index(spec: SequenceSpec, device: torch.device) -> MiddleIndex:
-    forward, inverse = video_scan_index(spec)
-    identity = spec.direction is None and not spec.registers
-    return MiddleIndex(
-        gather=(forward - 1).clamp(min=0).to(device),
-        inverse=inverse.to(device),
-        registers=torch.nonzero(forward == 0).squeeze(1).to(device),
-        identity=identity,
-    )
-
-
-def _to_middle(video: Tensor, register: Tensor | None, gather: Tensor, registers: Tensor) -> Tensor:
-    """(b, Lv, d) video [+ (d,) register] -> (b, Lm, d) middle of S."""
-    out = video.index_select(1, gather)
-    if register is not None:
-        out[:, registers] = register.to(out.dtype)
-    return out
-
-
-class _VideoToMiddle(torch.autograd.Function):
-    # Index tensors are arguments (not a MiddleIndex) so that TorchScript can trace the call.
-    @staticmethod
-    def forward(ctx, video, register, gather, inverse, registers):
-        ctx.save_for_backward(inverse, registers)
-        ctx.register_dtype = None if register is None else register.dtype
-        return _to_middle(video, register, gather, registers)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        inverse, registers = ctx.saved_tensors
-        grad_register = None
-        if ctx.register_dtype is not None and ctx.needs_input_grad[1]:
-            grad_register = grad[:, registers].sum((0, 1)).to(ctx.register_dtype)
-        return grad.index_select(1, inverse), grad_register, None, None, None
-
-
-class _MiddleToVideo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, middle, gather, inverse, registers):
-        ctx.save_for_backward(gather, registers)
-        return middle.index_select(1, inverse)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        gather, registers = ctx.saved_tensors
-        grad_middle = _to_middle(grad, None, gather, registers)
-        grad_middle[:, registers] = 0  # registers are dropped: no gradient
-        return grad_middle, None, None, None
-
-
-def video_to_middle(video: Tensor, register: Tensor | None, index: MiddleIndex) -> Tensor:
-    if not torch.is_grad_enabled():
-        return _to_middle(video, register, index.gather, index.registers)
-    return _VideoToMiddle.apply(video, register, index.gather, index.inverse, index.registers)
-
-
-def middle_to_video(middle: Tensor, index: MiddleIndex) -> Tensor:
-    if not torch.is_grad_enabled():
-        return middle.index_select(1, index.inverse)
-    return _MiddleToVideo.apply(middle, index.gather, index.inverse, index.registers)
-
-
 def text_orders(text_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample permutations of the text slots: (left-padded order, right-padded order).
 
@@ -162,90 +89,189 @@ def text_orders(text_mask: Tensor) -> tuple[Tensor, Tensor]:
     return left, right
 
 
-class _OrdersCache:
-    """:func:`text_orders` of the last mask seen, reused while it is the same unmodified tensor.
+@dataclass(frozen=True, eq=False)
+class SequenceIndex:
+    """Row tables of one (text mask, spec) on one device. Rows are flat: S (b, L_S, d) as b L_S
+    rows; the joint stream (b, Lt + Lv, d) as b (Lt + Lv) rows followed by a zero row and the
+    register row; the two streams apart as b Lt text rows, b Lv video rows and a zero row."""
 
-    Every MM-DiM block of a forward (and its ``decompose``) gets the same mask object: computing
-    the orders once saves a handful of small kernel launches per block, which is most of the
-    re-composition's cost at moderate lengths. Identity is checked through a weak reference
-    (no stale hit after the mask is freed) and the tensor's version counter (no hit after an
-    in-place change).
+    compose: Tensor  # (b L_S,) row read by each row of S (padding -> zero, register slots)
+    compose_adjoint: Tensor  # (b L_S,) stream row that reads each row of S back (registers: zero)
+    first: Tensor  # (b (Lt + Lv),) row of S holding each joint row (T_pre for the text)
+    text_first: Tensor  # (b Lt,) the text part of ``first``
+    video_first: Tensor  # (b Lv,) the video part of ``first``
+    appended: Tensor | None  # (b Lt,) row of S holding each text slot's T_app copy
+    registers: Tensor | None  # (b frames,) rows of S holding the register
+    mask: Tensor  # (b, Lt, 1) bool
+    seq_len: int
+    _masks: dict = field(default_factory=dict)
+
+    def mask_as(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._masks:
+            self._masks[dtype] = self.mask.to(dtype)
+        return self._masks[dtype]
+
+
+def sequence_index(text_mask: Tensor, spec: SequenceSpec) -> SequenceIndex:
+    """Build the row tables (on ``text_mask``'s device) for a (b, Lt) bool mask."""
+    device = text_mask.device
+    b, lt = text_mask.shape
+    forward, inverse = video_scan_index(spec)
+    # on the host: nonzero has no meta kernel (FLOP counts run the model on meta tensors)
+    register_at = torch.nonzero(forward == 0).squeeze(1).to(device)
+    forward, inverse = forward.to(device), inverse.to(device)
+    lm, lv = forward.numel(), inverse.numel()
+    lj = lt + lv
+    ls = lt + lm + (lt if spec.text_recomposition else 0)
+    zero, register = b * lj, b * lj + 1
+    joint0 = torch.arange(b, device=device)[:, None] * lj  # (b, 1) first joint row of a sample
+    seq0 = torch.arange(b, device=device)[:, None] * ls
+    text0 = torch.arange(b, device=device)[:, None] * lt  # first text / video row of a
+    video0 = b * lt + torch.arange(b, device=device)[:, None] * lv  # sample, streams apart
+    left, right = text_orders(text_mask)
+    is_register = (forward == 0)[None]
+    video_token = (forward - 1).clamp(min=0)[None]
+    compose = [torch.where(text_mask.gather(1, left), joint0 + left, zero),
+               torch.where(is_register, register, joint0 + lt + video_token)]
+    adjoint = [text0 + left, torch.where(is_register, b * (lt + lv), video0 + video_token)]
+    if spec.text_recomposition:
+        compose.append(torch.where(text_mask.gather(1, right), joint0 + right, zero))
+        adjoint.append(text0 + right)
+    text_first = seq0 + torch.argsort(left, dim=1)
+    video_first = seq0 + lt + inverse[None]
+    return SequenceIndex(
+        compose=torch.cat(compose, 1).flatten(),
+        compose_adjoint=torch.cat(adjoint, 1).flatten(),
+        first=torch.cat([text_first, video_first], 1).flatten(),
+        text_first=text_first.flatten(), video_first=video_first.flatten(),
+        appended=((seq0 + lt + lm + torch.argsort(right, dim=1)).flatten()
+                  if spec.text_recomposition else None),
+        registers=(seq0 + lt + register_at[None]).flatten() if spec.registers else None,
+        mask=text_mask[..., None], seq_len=ls,
+    )
+
+
+class _IndexCache:
+    """:func:`sequence_index` per spec for the last text mask seen, reused while it is the same
+    unmodified tensor.
+
+    Every MM-DiM block of a forward (and its backward) gets the same mask object: building the
+    tables once saves a dozen small kernel launches per block. Identity is checked through a
+    weak reference (no stale hit after the mask is freed) and the tensor's version counter (no
+    hit after an in-place change).
     """
 
     def __init__(self):
         self._ref = None
         self._version = -1
-        self._orders: tuple[Tensor, Tensor] | None = None
+        self._tables: dict = {}
 
-    def __call__(self, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, text_mask: Tensor, spec: SequenceSpec, device: torch.device
+                 ) -> SequenceIndex:
         ref = self._ref() if self._ref is not None else None
-        if ref is text_mask and text_mask._version == self._version:
-            return self._orders
-        self._orders = text_orders(text_mask)
-        self._ref = weakref.ref(text_mask)
-        self._version = text_mask._version
-        return self._orders
+        if ref is not text_mask or text_mask._version != self._version:
+            self._tables = {}
+            self._ref = weakref.ref(text_mask)
+            self._version = text_mask._version
+        key = (spec, device)
+        if key not in self._tables:
+            self._tables[key] = sequence_index(text_mask.to(device), spec)
+        return self._tables[key]
 
 
-_orders = _OrdersCache()
+_index = _IndexCache()
 
 
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x (b, L, d), index (b, K) -> (b, K, d)."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
 
 
-def _scatter_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """Inverse of :func:`_gather_tokens` for a permutation ``index``."""
-    out = torch.empty_like(x)
-    return out.scatter_(1, index[..., None].expand(-1, -1, x.shape[-1]), x)
+class _JointToSequence(torch.autograd.Function):
+    # Index tensors are arguments (not a SequenceIndex) so that TorchScript can trace the call.
+    @staticmethod
+    def forward(ctx, x, register, mask, compose, first, appended, registers):
+        ctx.save_for_backward(mask, first, appended, registers)
+        ctx.x_shape = x.shape
+        ctx.register_dtype = None if register is None else register.dtype
+        padded = F.pad(_rows(x), (0, 0, 0, 2))  # + a zero row + the register row
+        if register is not None:
+            padded[-1] = register.to(x.dtype)
+        return padded.index_select(0, compose).view(x.shape[0], -1, x.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        mask, first, appended, registers = ctx.saved_tensors
+        grad = _rows(grad)
+        dx = grad.index_select(0, first).view(ctx.x_shape)
+        text = dx[:, : mask.shape[1]]
+        if appended is not None:
+            text.add_(grad.index_select(0, appended).view(text.shape))
+        text.mul_(mask)  # padding slots were read as zeros
+        dreg = None
+        if ctx.register_dtype is not None and ctx.needs_input_grad[1]:
+            dreg = grad.index_select(0, registers).sum(0).to(ctx.register_dtype)
+        return dx, dreg, None, None, None, None, None
 
 
-def recompose(text: Tensor, text_mask: Tensor, video: Tensor, register: Tensor | None,
-              spec: SequenceSpec) -> Tensor:
-    """Build S.
+class _SequenceToStreams(torch.autograd.Function):
+    # out of place only: TorchScript's tracer (fvcore) fails on in-place updates in here
+    @staticmethod
+    def forward(ctx, seq, compose_adjoint, text_first, video_first, appended):
+        ctx.save_for_backward(compose_adjoint)
+        ctx.seq_shape = seq.shape
+        ctx.two_copies = appended is not None
+        rows = _rows(seq)
+        b, d = seq.shape[0], seq.shape[-1]
+        text = rows.index_select(0, text_first)
+        if appended is not None:  # the mean of the two copies
+            text = torch.lerp(text, rows.index_select(0, appended), 0.5)
+        return text.view(b, -1, d), rows.index_select(0, video_first).view(b, -1, d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dtext: Tensor, dvideo: Tensor):
+        (compose_adjoint,) = ctx.saved_tensors
+        if ctx.two_copies:
+            dtext = 0.5 * dtext
+        rows = torch.cat([_rows(dtext), _rows(dvideo), dvideo.new_zeros(1, dvideo.shape[-1])])
+        return rows.index_select(0, compose_adjoint).view(ctx.seq_shape), None, None, None, None
+
+
+def joint_to_sequence(x: Tensor, text_mask: Tensor, register: Tensor | None,
+                      spec: SequenceSpec) -> Tensor:
+    """Build S from the joint stream.
 
     Args:
-        text: (b, Lt, d); text_mask: (b, Lt) bool (any device; moved to the text's);
-        video: (b, Lv, d); register: (d,) learnable register (required when ``spec.registers``).
+        x: (b, Lt + Lv, d) text slots then video tokens (frames concatenated, raster inside);
+        text_mask: (b, Lt) bool (any device); register: (d,) (required when ``spec.registers``).
     Returns:
         (b, Lt + Lm [+ Lt], d) with Lm = Lv (+ number of frames when registers are on).
     """
     if spec.registers and register is None:
         raise ValueError("register: got None, expected a (d,) tensor since spec.registers is on")
-    index = middle_index(spec, video.device)
-    if index.identity:
-        middle = video
-    else:
-        middle = video_to_middle(video, register if spec.registers else None, index)
-    text_mask = text_mask.to(text.device)
-    text = text * text_mask[..., None].to(text.dtype)
-    left, right = _orders(text_mask)
-    parts = [_gather_tokens(text, left), middle]
-    if spec.text_recomposition:
-        parts.append(_gather_tokens(text, right))
-    return torch.cat(parts, dim=1)
+    lv = sum(h * w for h, w in spec.frame_sizes)
+    if x.shape[1] != text_mask.shape[1] + lv:
+        raise ValueError(f"x: got {x.shape[1]} tokens, expected {text_mask.shape[1]} text slots "
+                         f"+ {lv} video tokens for this spec")
+    ix = _index(text_mask, spec, x.device)
+    return _JointToSequence.apply(x, register if spec.registers else None, ix.mask_as(x.dtype),
+                                  ix.compose, ix.first, ix.appended, ix.registers)
 
 
 def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tensor, Tensor]:
-    """Exact inverse of :func:`recompose` for the video; the averaging rule for the text.
+    """Inverse of :func:`joint_to_sequence`: exact for the video, the averaging rule for the
+    text. seq (b, L_S, d) -> text (b, Lt, d) in slot order, video (b, Lv, d) frames in raster
+    order."""
+    ix = _index(text_mask, spec, seq.device)
+    if seq.shape[1] != ix.seq_len:
+        raise ValueError(f"seq: got length {seq.shape[1]}, expected {ix.seq_len} for this spec "
+                         f"and {text_mask.shape[1]} text slots")
+    return _SequenceToStreams.apply(seq, ix.compose_adjoint, ix.text_first, ix.video_first,
+                                    ix.appended)
 
-    Args:
-        seq: (b, L_S, d) the mixer's output over S.
-    Returns:
-        text (b, Lt, d) in the text stream's slot order, video (b, Lv, d) frames in raster order.
-    """
-    lt = text_mask.shape[1]
-    index = middle_index(spec, seq.device)
-    sizes = [lt, index.gather.shape[0]] + ([lt] if spec.text_recomposition else [])
-    if seq.shape[1] != sum(sizes):
-        raise ValueError(f"seq: got length {seq.shape[1]}, expected {sum(sizes)} for this spec "
-                         f"and {lt} text slots")
-    # split (not slicing): its backward is one concatenation, not a zero-filled copy per slice
-    pieces = seq.split(sizes, dim=1)
-    video = pieces[1] if index.identity else middle_to_video(pieces[1], index)
-    left, right = _orders(text_mask.to(seq.device))
-    pre = _scatter_tokens(pieces[0], left)
-    if spec.text_recomposition:
-        return 0.5 * (pre + _scatter_tokens(pieces[2], right)), video
-    return pre, video
+
+def recompose(text: Tensor, text_mask: Tensor, video: Tensor, register: Tensor | None,
+              spec: SequenceSpec) -> Tensor:
+    """:func:`joint_to_sequence` of text (b, Lt, d) and video (b, Lv, d) given apart."""
+    return joint_to_sequence(torch.cat([text, video], 1), text_mask, register, spec)
