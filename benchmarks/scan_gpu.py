@@ -36,12 +36,16 @@ from m4v.ops.scan_triton import ScanKernelConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR = "mamba_ssm"
-# (block_l, block_d, warps, maxnreg); each costs a compile (the backward's ~20 s), done in
-# parallel processes before timing
-FWD_CANDIDATES = [(64, 8, 2, None), (256, 4, 4, None), (256, 4, 4, 128), (512, 2, 4, None),
-                  (1024, 1, 4, None), (1024, 1, 4, 128), (2048, 1, 8, None), (128, 8, 4, None)]
-BWD_CANDIDATES = [(64, 8, 2, None), (128, 8, 4, None), (256, 8, 8, None), (256, 4, 4, None),
-                  (128, 8, 4, 168)]
+# overrides of the default ScanKernelConfig; each costs a compile, done in parallel processes
+# before timing
+CANDIDATES = [
+    {},
+    dict(fwd_programs_per_sm=64, bwd_programs_per_sm=32),
+    dict(fwd_block_l=8, fwd_programs_per_sm=64, bwd_block_l=4, bwd_programs_per_sm=32),
+    dict(fwd_block_l=2, bwd_block_l=4),
+    dict(fwd_block_d=64, bwd_block_d=64),
+    dict(fwd_maxnreg=128, bwd_maxnreg=128),
+]
 SWEEP_LENGTH = 16384
 
 
@@ -118,22 +122,15 @@ def compare(fn, ref_fn, inputs: dict) -> dict:
     return res
 
 
-def _config(pass_: str, cand: tuple) -> ScanKernelConfig:
-    """The default config with one pass's tiles replaced by the candidate's."""
-    block_l, block_d, warps, maxnreg = cand
-    return dataclasses.replace(scan_triton.DEFAULT_CONFIG, **{
-        f"{pass_}_block_l": block_l, f"{pass_}_block_d": block_d, f"{pass_}_warps": warps,
-        f"{pass_}_maxnreg": maxnreg})
-
-
-def _run_candidate(pass_: str, cand: tuple, b: int, d: int, n: int) -> None:
-    """One call of the candidate's kernel at the sweep's shape (compiles it into Triton's cache)."""
+def _run_candidate(cand: dict, b: int, d: int, n: int) -> None:
+    """One forward and backward of the candidate at the sweep's shape (compiles its kernels into
+    Triton's cache)."""
     inputs = make_inputs(b, d, n, SWEEP_LENGTH, seed=2)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    cfg = _config(pass_, cand)
-    states = scan_triton.scan_forward(*args, True, pass_ == "bwd", cfg)[2]
-    if pass_ == "bwd":
-        scan_triton.scan_backward(*args, True, states, torch.randn_like(inputs["u"]), None, cfg)
+    cfg = dataclasses.replace(scan_triton.DEFAULT_CONFIG, **cand)
+    scan_triton.scan_forward(*args, True, False, cfg)
+    states = scan_triton.scan_forward(*args, True, True, cfg)[2]
+    scan_triton.scan_backward(*args, True, states, torch.randn_like(inputs["u"]), None, cfg)
     torch.cuda.synchronize()
 
 
@@ -142,48 +139,39 @@ def precompile(b: int, d: int, n: int, workers: int = 8) -> None:
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    jobs = [("fwd", c) for c in FWD_CANDIDATES] + [("bwd", c) for c in BWD_CANDIDATES]
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_candidate, p, c, b, d, n): (p, c) for p, c in jobs}
+        futures = {pool.submit(_run_candidate, c, b, d, n): c for c in CANDIDATES}
         for f in tqdm(cf.as_completed(futures), total=len(futures), desc="precompile"):
             if f.exception() is not None:
                 print(f"[scan_gpu] candidate {futures[f]} failed: {f.exception()!r}")
 
 
 def sweep(b: int, d: int, n: int, repeats: int) -> tuple[ScanKernelConfig, list]:
-    """Time the candidates at 16k: the no-grad forward, and the backward alone (whose tiles the
-    forward under autograd uses too); return the fastest of each."""
+    """Time the candidates at 16k, the no-grad forward and the backward alone; return the
+    forward settings of the fastest forward and the backward settings of the fastest backward."""
     inputs = make_inputs(b, d, n, SWEEP_LENGTH, seed=2)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     dout = torch.randn_like(inputs["u"])
     rows = []
-    for pass_, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
-        for cand in tqdm(cands, desc=f"sweep {pass_}"):
-            cfg = _config(pass_, cand)
-            try:
-                if pass_ == "fwd":
-                    t = cuda_time(lambda cfg=cfg: scan_triton.scan_forward(
-                        *args, True, False, cfg), repeats=repeats).median_ms
-                else:
-                    states = scan_triton.scan_forward(*args, True, True, cfg)[2]
-                    t = cuda_time(lambda cfg=cfg, states=states: scan_triton.scan_backward(
-                        *args, True, states, dout, None, cfg), repeats=repeats).median_ms
-                    del states
-            except Exception as e:  # noqa: BLE001 - a failing candidate is reported, not fatal
-                print(f"[scan_gpu] {pass_} {cand} failed: {e!r}")
-                continue
-            block_l, block_d, warps, maxnreg = cand
-            rows.append(dict(pass_=pass_, block_l=block_l, block_d=block_d, warps=warps,
-                             maxnreg=maxnreg, ms=t))
-            print(f"  {pass_} block_l={block_l:5d} block_d={block_d:3d} warps={warps} "
-                  f"maxnreg={maxnreg}: {t:.3f} ms")
-    f = min((r for r in rows if r["pass_"] == "fwd"), key=lambda r: r["ms"])
-    g = min((r for r in rows if r["pass_"] == "bwd"), key=lambda r: r["ms"])
-    cfg = ScanKernelConfig(fwd_block_l=f["block_l"], fwd_block_d=f["block_d"],
-                           fwd_warps=f["warps"], fwd_maxnreg=f["maxnreg"],
-                           bwd_block_l=g["block_l"], bwd_block_d=g["block_d"],
-                           bwd_warps=g["warps"], bwd_maxnreg=g["maxnreg"])
-    return cfg, rows
+    for cand in tqdm(CANDIDATES, desc="sweep"):
+        cfg = dataclasses.replace(scan_triton.DEFAULT_CONFIG, **cand)
+        try:
+            fwd = cuda_time(lambda cfg=cfg: scan_triton.scan_forward(*args, True, False, cfg),
+                            repeats=repeats).median_ms
+            states = scan_triton.scan_forward(*args, True, True, cfg)[2]
+            bwd = cuda_time(lambda cfg=cfg, states=states: scan_triton.scan_backward(
+                *args, True, states, dout, None, cfg), repeats=repeats).median_ms
+            del states
+        except Exception as e:  # noqa: BLE001 - a failing candidate is reported, not fatal
+            print(f"[scan_gpu] {cand} failed: {e!r}")
+            continue
+        rows.append(dict(overrides=cand, fwd_ms=fwd, bwd_ms=bwd))
+        print(f"  {cand or 'default'}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
+    picked = {}
+    for pass_ in ("fwd", "bwd"):
+        best = min(rows, key=lambda r: r[f"{pass_}_ms"])["overrides"]
+        picked.update({k: v for k, v in best.items() if k.startswith(pass_)})
+    return dataclasses.replace(scan_triton.DEFAULT_CONFIG, **picked), rows
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
-from m4v.ops.scan_triton import ScanKernelConfig, selective_scan_triton  # noqa: E402
+from m4v.ops.scan_triton import ScanKernelConfig, chunk_tiles, selective_scan_triton  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -94,11 +94,13 @@ def check_against_loop(inputs, softplus, tol, *, config=None, last_state=True):
         assert rel_err(gr, ref) < tol, (name, rel_err(gr, ref))
 
 
-SMALL = ScanKernelConfig(fwd_block_l=32, fwd_block_d=8, fwd_warps=2,
-                         bwd_block_l=32, bwd_block_d=8, bwd_warps=2)
-# no-grad forward on one channel per program, 16-step tiles; the other pass on 64 x 4 tiles
-SPLIT = ScanKernelConfig(fwd_block_l=16, fwd_block_d=1, fwd_warps=1, fwd_maxnreg=None,
-                         bwd_block_l=64, bwd_block_d=4, bwd_warps=1)
+# more channels than threads, and a chunk per tile (as many chunks as the sequence has tiles)
+SMALL = ScanKernelConfig(fwd_block_l=4, fwd_block_d=64, fwd_programs_per_sm=1024,
+                         bwd_block_l=4, bwd_block_d=64, bwd_programs_per_sm=1024)
+# tile rows spread over several threads (time crosses lanes), different tiles and channel
+# blocks forward and backward, hence different chunks, and a few chunks only
+SPLIT = ScanKernelConfig(fwd_block_l=16, fwd_block_d=2, fwd_warps=2, fwd_programs_per_sm=1,
+                         bwd_block_l=32, bwd_block_d=8, bwd_warps=1, bwd_programs_per_sm=1)
 
 
 @pytest.mark.gpu
@@ -200,8 +202,8 @@ INTERPRETED = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_scan_triton import ScanKernelConfig, check_against_loop, make_inputs, model_layout
-tiles = ScanKernelConfig(fwd_block_l=16, fwd_block_d=4, fwd_warps=1,
-                         bwd_block_l=16, bwd_block_d=4, bwd_warps=1)
+tiles = ScanKernelConfig(fwd_block_l=4, fwd_block_d=4, fwd_programs_per_sm=2,
+                         bwd_block_l=8, bwd_block_d=8, bwd_programs_per_sm=2)
 inputs = model_layout(make_inputs(1, 6, 4, 37, torch.float32, seed=3, device="cpu"))
 check_against_loop(inputs, True, 2e-4, config=tiles)
 """
@@ -209,13 +211,24 @@ check_against_loop(inputs, True, 2e-4, config=tiles)
 
 def test_kernels_in_interpreter():
     """Forward and backward kernels on the CPU in Triton's interpreter (which is chosen when
-    the kernels are defined, hence a fresh process): three tiles of steps, two channel blocks
-    with padding, the model's strided u and z."""
+    the kernels are defined, hence a fresh process): several tiles and chunks of steps, one or
+    two channel blocks with padding, the model's strided u and z."""
     code = INTERPRETED.format(tests=str(Path(__file__).parent))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n_tiles, rows, target, per_chunk", [
+    (100, 10, 40, 25),  # 4 chunks of 25 tiles make 40 programs
+    (100, 10, 45, 20),  # 5 chunks (50 programs): the fewest that reach the target
+    (100, 64, 40, 100),  # the channels alone fill the GPU: one chunk
+    (7, 1, 1000, 1),  # never less than a tile per chunk
+    (10, 3, 12, 3),  # 4 chunks asked, 10 tiles: 3 + 3 + 3 + 1
+])
+def test_chunk_tiles(n_tiles, rows, target, per_chunk):
+    assert chunk_tiles(n_tiles, rows, target) == per_chunk
 
 
 def test_rejects_bad_inputs():
@@ -233,7 +246,7 @@ def test_rejects_bad_inputs():
         selective_scan_triton(**{**good, "A": torch.zeros(4, 65), "B": torch.zeros(1, 65, 8),
                                  "C": torch.zeros(1, 65, 8)})
     with pytest.raises(ValueError, match="power of two"):
-        ScanKernelConfig(fwd_block_l=48)
+        ScanKernelConfig(bwd_block_l=48)
     with pytest.raises(ValueError, match="maxnreg must be in"):
         ScanKernelConfig(bwd_maxnreg=300)
     with pytest.raises(ValueError, match="needs CUDA"):

@@ -7,37 +7,46 @@ Recurrence (per batch b, channel d, state n; time t)::
     y_t  = sum_n C_t h_t + D u_t
     out  = y * silu(z)                          (gating optional)
 
-Layout of the work: one program owns ``BLOCK_D`` channels of one batch row and walks the sequence
-in tiles of ``BLOCK_L`` steps. The state of each of the n components is a ``(BLOCK_D,)`` vector
-carried in registers from tile to tile; inside a tile the recurrence is a
-``tl.associative_scan`` over the pairs (a_t, x_t) = (exp(dt_t A), dt_t u_t B_t), one state
-component at a time (a static loop over n), so every thread owns a row segment of consecutive steps
-and the scan is mostly sequential inside threads. Loads are bf16/fp16/fp32, maths is fp32; softplus,
-the bias, ``D * u`` and the ``silu(z)`` gate are fused.
+Layout of the work. A tile is ``BLOCK_D`` channels x ``BLOCK_L`` steps with one thread per
+channel: with ``BLOCK_L`` <= 8 bf16 steps (at most 16 bytes, one vector load) the whole tile
+row sits in the thread's registers, so the scans along time are sequential register code, with
+no shuffles and no shared memory. A program walks the tiles of one *chunk* of the sequence, carrying the n
+state components as ``(BLOCK_D,)`` vectors. One thread per channel alone would leave the GPU
+nearly idle (d = 3840 is 120 warps), so the sequence is cut into chunks scanned in parallel, in
+three steps (the classic parallel scan over chunks):
 
-Backward: the forward saves the state at the start of every backward tile, ``(b, tiles, d, n)``
-float32 (1/``bwd_block_l`` of the state trajectory). The backward walks its tiles in reverse;
-per tile it recomputes h inside the tile from the saved start state and runs the adjoint recurrence
-``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as an associative scan over the time-reversed tile (a_{t+1}
-comes from the delta tile loaded one step later). From h and g:
+1. ``_fwd_chunk_state_kernel``: every chunk but the last, from a zero state: its end state and
+   the sum of its steps (its total decay is exp(A sum dt));
+2. each program of the main kernel folds the summaries of the chunks before its own into its
+   start state (a few dozen steps of the same recurrence);
+3. ``_scan_fwd_kernel``: the scan proper, writing ``out``.
+
+Chunks before the last are scanned twice: the price of parallelism, chosen (``*_programs_per_sm``)
+so that the GPU is full and no more. Loads are bf16/fp16/fp32, maths is fp32; softplus, the bias,
+``D * u`` and the ``silu(z)`` gate are fused.
+
+Backward: with a gradient to come, the forward runs on the backward's tiles and saves the state
+entering every tile, ``(b, tiles, n, d)`` float32 (8 bytes per input element at 8-step tiles and
+n = 16). The
+adjoint ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` runs backwards in time, with the same three steps
+mirrored: ``_bwd_chunk_adjoint_kernel`` summarises every chunk but the first (the adjoint it
+sends to the chunk before, ``a_{t0} g_{t0}``, from a zero start), each program folds the chunks
+after its own, and ``_scan_bwd_kernel`` walks its chunk's tiles in reverse: per tile it recomputes
+h from the saved state and runs the adjoint as a reversed scan (a_{t+1} from delta read one step
+later). From h and g:
 
     ddt_t  = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1},   with a_t h_{t-1} = h_t - dt_t u_t B_t
     du_t   = dt_t sum_n g_t B_t + D dy_t
     dA     = sum_t dt_t g_t a_t h_{t-1}
     dB_t   = sum_d g_t dt_t u_t,   dC_t = sum_d h_t dy_t
 
-dB and dC are sums over channels that several programs share: every program writes its partial sum
-to its own slice of a float32 buffer, reduced afterwards with ``torch.sum`` (deterministic, no
-atomics). Unlike mamba-ssm, a gradient flowing into ``last_state`` is propagated.
+dB and dC are sums over channels that several programs share, dA, dD and the bias gradient sums
+over time that several chunks share: every program writes its partial sums to its own slice of a
+float32 buffer, reduced afterwards with ``torch.sum`` (deterministic, no atomics). Unlike
+mamba-ssm, a gradient flowing into ``last_state`` is propagated.
 
-Speed (b=1, d=3840, n=16, bf16, z+softplus; mamba-ssm 2.3.2 in the same run): on an H200
-(reports/benchmarks/scan_gpu.json) the no-grad forward runs at 0.90-0.94x mamba-ssm's speed at
-16k-64k (1.70 vs 1.54 ms at 16k), forward+backward at 0.53-0.60x (11.0 vs 6.6 ms); the H100
-figures and the tile sweep are in scan_gpu_h100.json. Both are far from the memory floor
-(~0.17 ms at 16k): the kernels are latency bound at low occupancy (the backward uses all 255
-registers and spills). Known costs: the adjoint's time reversal (``tl.flip``: ~3 shuffles per
-element), Triton's cross-lane scan (exclusive shift and per-element prefix), and the cross-warp
-reductions for dB and dC.
+Speed: ``benchmarks/scan_gpu.py`` against mamba-ssm in the same run; the figures are in
+reports/benchmarks/scan_gpu.json and the README.
 """
 
 from __future__ import annotations
@@ -57,23 +66,26 @@ MAX_STATE = 64  # the state loop is unrolled at compile time
 
 @dataclass(frozen=True)
 class ScanKernelConfig:
-    """Tiles (steps x channels), warps and register caps of the kernels.
+    """Tiles, warps, register caps and chunking of the kernels, per pass.
 
-    ``fwd_*`` tile the forward when no gradient is needed. When one is, the forward runs on the
-    backward's tiles (``bwd_*``, no register cap) so that it can checkpoint the state where each
-    backward tile starts. Defaults: the fastest of a sweep on an H100 at d = 3840, d_state 16,
-    bf16, L = 16k (reports/benchmarks/scan_gpu_h100.json, ``sweep_at_16k``): capping the no-grad
-    forward at 128 registers raised occupancy and cut it from 2.23 to 1.67 ms; backward tiles
-    longer than 64 steps were slower (more lanes along time, more shuffles).
+    ``fwd_*`` set the forward when no gradient is needed; ``bwd_*`` the backward and the forward
+    under autograd, which saves one state per ``bwd_block_l`` steps for it. ``*_block_l`` steps
+    per tile; ``*_block_d`` channels per program, one per thread when it equals 32 x
+    ``*_warps``; ``*_programs_per_sm``: the sequence is cut into as many chunks as it takes to
+    give every streaming multiprocessor about this many programs (fewer chunks when the batch and
+    the channels already do). Defaults: the fastest of a sweep on an H200 at d = 3840, d_state
+    16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``, reports/benchmarks/scan_gpu.json).
     """
 
-    fwd_block_l: int = 256
-    fwd_block_d: int = 4
-    fwd_warps: int = 4
-    bwd_block_l: int = 64
-    bwd_block_d: int = 8
-    bwd_warps: int = 2
-    fwd_maxnreg: int | None = 128
+    fwd_block_l: int = 4
+    fwd_block_d: int = 32
+    fwd_warps: int = 1
+    fwd_programs_per_sm: int = 32
+    fwd_maxnreg: int | None = None
+    bwd_block_l: int = 8
+    bwd_block_d: int = 32
+    bwd_warps: int = 1
+    bwd_programs_per_sm: int = 64
     bwd_maxnreg: int | None = None
 
     def __post_init__(self):
@@ -82,11 +94,28 @@ class ScanKernelConfig:
             if name.endswith("maxnreg"):
                 if v is not None and not 32 <= v <= 255:
                     raise ValueError(f"ScanKernelConfig.{name} must be in [32, 255], got {v}")
+            elif name.endswith("programs_per_sm"):
+                if v < 1:
+                    raise ValueError(f"ScanKernelConfig.{name} must be >= 1, got {v}")
             elif v < 1 or v & (v - 1):
                 raise ValueError(f"ScanKernelConfig.{name} must be a power of two, got {v}")
 
+    def tiles(self, grad: bool) -> tuple[int, int, int, int, int | None]:
+        """(block_l, block_d, warps, programs_per_sm, maxnreg) of the forward without a gradient
+        to come, or of the backward (and of the forward that saves its states)."""
+        p = "bwd" if grad else "fwd"
+        return tuple(getattr(self, f"{p}_{k}") for k in
+                     ("block_l", "block_d", "warps", "programs_per_sm", "maxnreg"))
+
 
 DEFAULT_CONFIG = ScanKernelConfig()
+
+
+def chunk_tiles(n_tiles: int, row_programs: int, target_programs: int) -> int:
+    """Tiles per chunk so that ``row_programs`` (batch x channel blocks) times the number of
+    chunks reaches ``target_programs``; at least one tile, at most the whole sequence."""
+    chunks = max(1, min(n_tiles, -(-target_programs // row_programs)))
+    return -(-n_tiles // chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,10 +123,9 @@ DEFAULT_CONFIG = ScanKernelConfig()
 
 
 @triton.jit
-def _affine_combine(a_left, x_left, a_right, x_right):
-    """Compose h -> a_left h + x_left, then h -> a_right h + x_right. The reversed scan uses the
-    same formula: there 'left' is the part already accumulated from the right end."""
-    return a_left * a_right, a_right * x_left + x_right
+def _then(a_first, x_first, a_second, x_second):
+    """The affine maps h -> a h + x of two steps, applied in time order: first, then second."""
+    return a_first * a_second, a_second * x_first + x_second
 
 
 @triton.jit
@@ -124,61 +152,157 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
+def _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
+    """Gradient reaching y: dout, times silu(z) with gating. Returns (dout, z, dy) in fp32 (z is
+    dout again without gating)."""
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    zv = dout
+    dy = dout
+    if HAS_Z:
+        zv = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = dout * zv * tl.sigmoid(zv)
+    return dout, zv, dy
+
+
+@triton.jit
+def _row_vector(ptr, rows, row_ok, PRESENT: tl.constexpr):
+    """(BLOCK_D,) float32 per-channel parameter, zeros when absent."""
+    if PRESENT:
+        return tl.load(ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return tl.zeros(rows.shape, tl.float32)
+
+
+@triton.jit
+def _scaled_A(A_ptr, rows, row_ok, N: tl.constexpr):
+    """A (d, n) as n vectors (BLOCK_D,) pre-scaled by log2(e): exp(dt A) = exp2(dt A log2 e)."""
+    A2 = ()
+    for n in tl.static_range(N):
+        A2 += (tl.load(A_ptr + rows * N + n, mask=row_ok, other=0.0).to(tl.float32) * LOG2E,)
+    return A2
+
+
+@triton.jit
+def _zeros_state(rows, N: tl.constexpr):
+    hs = ()
+    for _n in tl.static_range(N):
+        hs += (tl.zeros(rows.shape, tl.float32),)
+    return hs
+
+
+@triton.jit
+def _fold_chunks(carry, A2, dtsum_ptr, local_ptr, pid_b, n_chunks, dim, rows, row_ok,
+                 first, count, step, N: tl.constexpr):
+    """carry <- exp(A S_j) carry + local_j for chunks j = first, first + step, ... (count of
+    them): the chunk summaries (S_j the sum of chunk j's steps) applied in scan order."""
+    for i in range(0, count):
+        j = first + i * step
+        at = (pid_b * n_chunks + j).to(tl.int64)
+        s = tl.load(dtsum_ptr + at * dim + rows, mask=row_ok, other=0.0)
+        new = ()
+        for n in tl.static_range(N):
+            loc = tl.load(local_ptr + (at * N + n) * dim + rows, mask=row_ok, other=0.0)
+            new += (tl.exp2(A2[n] * s) * carry[n] + loc,)
+        carry = new
+    return carry
+
+
+@triton.jit
+def _store_state(ptr, at, hs, dim, rows, row_ok, N: tl.constexpr):
+    """hs into ``ptr[at, n, rows]`` of a (..., n, d) float32 buffer."""
+    for n in tl.static_range(N):
+        tl.store(ptr + (at.to(tl.int64) * N + n) * dim + rows, hs[n], mask=row_ok)
+
+
+@triton.jit
 def _column(x, at):
     """x[:, j] of a (BLOCK_D, BLOCK_L) tile; ``at`` (1, BLOCK_L) is True at column j only. A
     select (not a product with a one-hot) so the compiler drops the registers known to be off."""
     return tl.sum(tl.where(at, x, 0.0), axis=1)
 
 
-# tile counts and the batch size only index: no need for a compile per divisibility class
-@triton.jit(do_not_specialize=["n_tiles"])
-def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, last_ptr, states_ptr,
-    dim, length, bc_len, n_tiles,
+# chunk and tile counts and the batch size only index: no compile per divisibility class
+_RUNTIME_INTS = ["batch", "chunk_tiles", "n_tiles", "n_chunks"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _fwd_chunk_state_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, dtsum_ptr,
+    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    """Chunk ``pid_c`` (all but the last) from a zero state: its end state and sum of steps."""
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < dim
     cols = tl.arange(0, BLOCK_L)
     first = (cols == 0)[None, :]
     last = (cols == BLOCK_L - 1)[None, :]
-    row_base = (pid_b * dim + rows).to(tl.int64) * length  # (BLOCK_D,) offsets of each row
+    row_base = (pid_b * dim + rows).to(tl.int64) * length
     bc_base = pid_b.to(tl.int64) * N * bc_len
+    A2 = _scaled_A(A_ptr, rows, row_ok, N)
+    bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
 
-    # A pre-scaled by log2(e): exp(dt A) = exp2(dt A log2 e)
-    A2 = ()
-    for n in tl.static_range(N):
-        A2 += (tl.load(A_ptr + rows * N + n, mask=row_ok, other=0.0).to(tl.float32) * LOG2E,)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    hs = _zeros_state(rows, N)
+    dtsum = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(0, chunk_tiles):
+        steps = (pid_c * chunk_tiles + i) * BLOCK_L + cols
+        mask = row_ok[:, None] & (steps < length)[None, :]
+        offs = row_base[:, None] + steps[None, :]
+        dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dtsum += tl.sum(dt, axis=1)
+        new = ()
+        for n in tl.static_range(N):
+            # a scan, not a reduction: Triton's cross-lane reductions may reorder the steps
+            Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
+            a = tl.exp2(dt * A2[n][:, None])
+            x = dtu * Bn[None, :]
+            _, h = tl.associative_scan((a, tl.where(first, x + a * hs[n][:, None], x)), 1, _then)
+            new += (_column(h, last),)
+        hs = new
+    at = pid_b * n_chunks + pid_c
+    _store_state(hloc_ptr, at, hs, dim, rows, row_ok, N)
+    tl.store(dtsum_ptr + at.to(tl.int64) * dim + rows, dtsum, mask=row_ok)
 
-    hs = ()
-    for _n in tl.static_range(N):
-        hs += (tl.zeros((BLOCK_D,), tl.float32),)
-    for tile in range(0, n_tiles):
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    out_ptr, last_ptr, states_ptr, hloc_ptr, dtsum_ptr,
+    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_STATES: tl.constexpr,
+):
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < dim
+    cols = tl.arange(0, BLOCK_L)
+    first = (cols == 0)[None, :]
+    last = (cols == BLOCK_L - 1)[None, :]
+    row_base = (pid_b * dim + rows).to(tl.int64) * length
+    bc_base = pid_b.to(tl.int64) * N * bc_len
+    A2 = _scaled_A(A_ptr, rows, row_ok, N)
+    bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
+    Dv = _row_vector(D_ptr, rows, row_ok, HAS_D)
+
+    hs = _fold_chunks(_zeros_state(rows, N), A2, dtsum_ptr, hloc_ptr, pid_b, n_chunks, dim,
+                      rows, row_ok, 0, pid_c, 1, N)
+    first_tile = pid_c * chunk_tiles
+    for i in range(0, tl.minimum(chunk_tiles, n_tiles - first_tile)):
+        tile = first_tile + i
         steps = tile * BLOCK_L + cols
-        step_ok = steps < length
-        mask = row_ok[:, None] & step_ok[None, :]
+        mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
         if SAVE_STATES:  # the state entering each tile, for the backward
-            st_base = ((pid_b * n_tiles + tile) * dim + rows).to(tl.int64) * N
-            for n in tl.static_range(N):
-                tl.store(states_ptr + st_base + n, hs[n], mask=row_ok)
+            _store_state(states_ptr, pid_b * n_tiles + tile, hs, dim, rows, row_ok, N)
 
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dtu = dt * u
         y = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
-        new_hs = ()
+        new = ()
         for n in tl.static_range(N):
             # B, C: fp32, zero-padded to whole tiles (no masks, no conversions)
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
@@ -187,10 +311,10 @@ def _scan_fwd_kernel(
             x = dtu * Bn[None, :]
             # the carried state enters through the first step: x_0 += a_0 h_in
             x = tl.where(first, x + a * hs[n][:, None], x)
-            _, h = tl.associative_scan((a, x), 1, _affine_combine)
+            _, h = tl.associative_scan((a, x), 1, _then)
             y += h * Cn[None, :]
-            new_hs += (_column(h, last),)
-        hs = new_hs
+            new += (_column(h, last),)
+        hs = new
 
         if HAS_D:
             y += u * Dv[:, None]
@@ -199,59 +323,98 @@ def _scan_fwd_kernel(
             y *= zv * tl.sigmoid(zv)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    last_base = (pid_b * dim + rows).to(tl.int64) * N
-    for n in tl.static_range(N):
-        tl.store(last_ptr + last_base + n, hs[n], mask=row_ok)
+    if pid_c == n_chunks - 1:
+        _store_state(last_ptr, pid_b, hs, dim, rows, row_ok, N)
 
 
-@triton.jit(do_not_specialize=["batch", "n_tiles"])
-def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    dout_ptr, dlast_ptr, states_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    batch, dim, length, bc_len, n_tiles,
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _bwd_chunk_adjoint_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, qloc_ptr, dtsum_ptr,
+    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    """Chunk ``pid_c + 1`` (all but the first) with no adjoint entering from its right: what it
+    sends to the chunk before, q = a_{t0} g_{t0} at its first step t0, and its sum of steps.
+    Backwards, q_{t-1} = a_t (C_t dy_t + q_t): one exp per step, like the forward."""
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < dim
     cols = tl.arange(0, BLOCK_L)
     first = (cols == 0)[None, :]
     last = (cols == BLOCK_L - 1)[None, :]
-    rev = BLOCK_L - 1 - cols
+    row_base = (pid_b * dim + rows).to(tl.int64) * length
+    bc_base = pid_b.to(tl.int64) * N * bc_len
+    A2 = _scaled_A(A_ptr, rows, row_ok, N)
+    bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
+
+    qs = _zeros_state(rows, N)
+    dtsum = tl.zeros((BLOCK_D,), tl.float32)
+    first_tile = pid_c * chunk_tiles
+    tiles = tl.minimum(chunk_tiles, n_tiles - first_tile)
+    for i in range(0, tiles):
+        steps = (first_tile + tiles - 1 - i) * BLOCK_L + cols
+        mask = row_ok[:, None] & (steps < length)[None, :]
+        offs = row_base[:, None] + steps[None, :]
+        dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
+        _, _, dy = _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z)
+        dtsum += tl.sum(dt, axis=1)
+        new = ()
+        for n in tl.static_range(N):
+            Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
+            a = tl.exp2(dt * A2[n][:, None])
+            x = a * dy * Cn[None, :]
+            _, q = tl.associative_scan((a, tl.where(last, x + a * qs[n][:, None], x)), 1, _then,
+                                       reverse=True)
+            new += (_column(q, first),)
+        qs = new
+    at = pid_b * n_chunks + pid_c
+    _store_state(qloc_ptr, at, qs, dim, rows, row_ok, N)
+    tl.store(dtsum_ptr + at.to(tl.int64) * dim + rows, dtsum, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    dout_ptr, dlast_ptr, states_ptr, qloc_ptr, dtsum_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
+):
+    pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < dim
+    cols = tl.arange(0, BLOCK_L)
+    first = (cols == 0)[None, :]
+    last = (cols == BLOCK_L - 1)[None, :]
     row_base = (pid_b * dim + rows).to(tl.int64) * length
     bc_base = pid_b.to(tl.int64) * N * bc_len
     # this program's slice of the (d-blocks, b, n, l) partial sums of dB and dC
     part_base = (pid_d * batch + pid_b).to(tl.int64) * N * length
+    A2 = _scaled_A(A_ptr, rows, row_ok, N)
+    bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
+    Dv = _row_vector(D_ptr, rows, row_ok, HAS_D)
 
-    A2 = ()
-    for n in tl.static_range(N):
-        A2 += (tl.load(A_ptr + rows * N + n, mask=row_ok, other=0.0).to(tl.float32) * LOG2E,)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-
-    last_base = (pid_b * dim + rows).to(tl.int64) * N
-    gs = ()  # adjoint state entering each tile from the right: g at the tile's end + 1
-    for n in tl.static_range(N):
-        if HAS_DLAST:
-            gs += (tl.load(dlast_ptr + last_base + n, mask=row_ok, other=0.0).to(tl.float32),)
-        else:
-            gs += (tl.zeros((BLOCK_D,), tl.float32),)
-    dA_acc = ()
-    for _n in tl.static_range(N):
-        dA_acc += (tl.zeros((BLOCK_D,), tl.float32),)
+    # adjoint entering the chunk from its right, already times a_{t+1}: from the last state's
+    # gradient through the summaries of every later chunk
+    qs = _zeros_state(rows, N)
+    if HAS_DLAST:
+        qs = ()
+        for n in tl.static_range(N):
+            qs += (tl.load(dlast_ptr + (pid_b * dim + rows).to(tl.int64) * N + n, mask=row_ok,
+                           other=0.0).to(tl.float32),)
+    qs = _fold_chunks(qs, A2, dtsum_ptr, qloc_ptr, pid_b, n_chunks, dim, rows, row_ok,
+                      n_chunks - 1, n_chunks - 1 - pid_c, -1, N)
+    dA_acc = _zeros_state(rows, N)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
 
-    for it in range(0, n_tiles):
-        tile = n_tiles - 1 - it
+    first_tile = pid_c * chunk_tiles
+    tiles = tl.minimum(chunk_tiles, n_tiles - first_tile)
+    for i in range(0, tiles):
+        tile = first_tile + tiles - 1 - i
         steps = tile * BLOCK_L + cols
         step_ok = steps < length
         mask = row_ok[:, None] & step_ok[None, :]
@@ -268,44 +431,32 @@ def _scan_bwd_kernel(
         # a_{t+1} needs the step after t: the same tile read one step later
         dt_next = _load_dt(delta_ptr, offs + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            z_sig = tl.sigmoid(zv)
-            dy = dout * zv * z_sig
-        else:
-            dy = dout
+        dout, zv, dy = _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z)
         dtu = dt * u
-        dt_next_rev = tl.flip(dt_next, 1)
-        dy_rev = tl.flip(dy, 1)
 
-        st_base = ((pid_b * n_tiles + tile) * dim + rows).to(tl.int64) * N
+        st_base = (pid_b * n_tiles + tile).to(tl.int64) * N
         y = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
         gB = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)  # sum_n g B
         gAh = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)  # sum_n A g a h_{t-1}
-        new_gs = ()
+        new_qs = ()
         new_dA = ()
         for n in tl.static_range(N):
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)[None, :]
             Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)[None, :]
-            h0 = tl.load(states_ptr + st_base + n, mask=row_ok, other=0.0)
+            h0 = tl.load(states_ptr + (st_base + n) * dim + rows, mask=row_ok, other=0.0)
             # forward states inside the tile
-            x = dtu * Bn
             a = tl.exp2(dt * A2[n][:, None])
-            _, h = tl.associative_scan((a, tl.where(first, x + a * h0[:, None], x)), 1,
-                                       _affine_combine)
+            x = dtu * Bn
+            _, h = tl.associative_scan((a, tl.where(first, x + a * h0[:, None], x)), 1, _then)
             if HAS_Z:
                 y += h * Cn
-            # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}
-            # adjoint in time-reversed order, where it is a forward scan: Triton's reversed scan
-            # flips every operand and result through shuffles, one flip of g is cheaper
-            a_next = tl.exp2(dt_next_rev * A2[n][:, None])
-            c = dy_rev * tl.load(C_ptr + bc_base + n * bc_len + tile * BLOCK_L + rev)[None, :]
-            # the adjoint entering from the right joins at the tile's last step: register 0
-            c = tl.where(first, c + a_next * gs[n][:, None], c)
-            _, g = tl.associative_scan((a_next, c), 1, _affine_combine)
-            new_gs += (_column(g, last),)  # g at the tile's first step
-            g = tl.flip(g, 1)
+            # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}; what enters from the right joins at the
+            # tile's last step
+            c = dy * Cn
+            c = tl.where(last, c + qs[n][:, None], c)
+            _, g = tl.associative_scan((tl.exp2(dt_next * A2[n][:, None]), c), 1, _then,
+                                       reverse=True)
+            new_qs += (_column(a * g, first),)
 
             gah = g * (h - x)  # g_t a_t h_{t-1}
             gAh += gah * (A2[n] * LN2)[:, None]
@@ -313,7 +464,7 @@ def _scan_bwd_kernel(
             gB += g * Bn
             tl.store(dB_ptr + part_base + n * length + steps, tl.sum(g * dtu, axis=0), mask=step_ok)
             tl.store(dC_ptr + part_base + n * length + steps, tl.sum(h * dy, axis=0), mask=step_ok)
-        gs = new_gs
+        qs = new_qs
         dA_acc = new_dA
 
         du = dt * gB
@@ -324,6 +475,7 @@ def _scan_bwd_kernel(
         if HAS_Z:
             if HAS_D:
                 y += u * Dv[:, None]
+            z_sig = tl.sigmoid(zv)
             dz = dout * y * z_sig * (1.0 + zv * (1.0 - z_sig))
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
@@ -333,14 +485,13 @@ def _scan_bwd_kernel(
         tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
-    # per-batch partial sums of the parameter gradients: (b, d, n) and (b, d)
-    for n in tl.static_range(N):
-        tl.store(dA_ptr + last_base + n, dA_acc[n], mask=row_ok)
-    vec_base = pid_b * dim + rows
+    # this chunk's partial sums of the parameter gradients: (chunks, b, n, d) and (chunks, b, d)
+    at = pid_c * batch + pid_b
+    _store_state(dA_ptr, at, dA_acc, dim, rows, row_ok, N)
     if HAS_D:
-        tl.store(dD_ptr + vec_base, dD_acc, mask=row_ok)
+        tl.store(dD_ptr + at.to(tl.int64) * dim + rows, dD_acc, mask=row_ok)
     if HAS_BIAS:
-        tl.store(dbias_ptr + vec_base, dbias_acc, mask=row_ok)
+        tl.store(dbias_ptr + at.to(tl.int64) * dim + rows, dbias_acc, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,48 +547,62 @@ def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
     return t.contiguous() if t is not None else fallback
 
 
+def _chunking(u: Tensor, block_l: int, block_d: int, programs_per_sm: int
+              ) -> tuple[int, int, int, int]:
+    """(tiles, channel blocks, tiles per chunk, chunks) of a launch over u (b, d, l)."""
+    b, d, length = u.shape
+    n_tiles = triton.cdiv(length, block_l)
+    d_blocks = triton.cdiv(d, block_d)
+    # the interpreter (CPU) has no multiprocessors: chunk as a small GPU would
+    sms = (torch.cuda.get_device_properties(u.device).multi_processor_count
+           if u.device.type == "cuda" else 4)
+    per_chunk = chunk_tiles(n_tiles, b * d_blocks, programs_per_sm * sms)
+    return n_tiles, d_blocks, per_chunk, triton.cdiv(n_tiles, per_chunk)
+
+
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states,
                  config: ScanKernelConfig = DEFAULT_CONFIG):
-    """Launch the forward kernel. Returns (out (b, d, l) in u's dtype, last_state (b, d, n) fp32,
-    states (b, backward tiles, d, n) fp32 or None)."""
+    """Launch the forward kernels. Returns (out (b, d, l) in u's dtype, last_state (b, d, n) fp32,
+    states (b, tiles, n, d) fp32 or None)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A = (t.contiguous() for t in (u, delta, A))
-    # with a gradient to come, the backward's tiles: the states saved are where its tiles start
-    block_l, block_d, warps, maxnreg = (
-        (config.bwd_block_l, config.bwd_block_d, config.bwd_warps, config.bwd_maxnreg)
-        if save_states else
-        (config.fwd_block_l, config.fwd_block_d, config.fwd_warps, config.fwd_maxnreg))
-    n_tiles = triton.cdiv(length, block_l)
+    block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=save_states)
+    n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
     bc_len = n_tiles * block_l
     B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
+    f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    last = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
-    states = (torch.empty(b, n_tiles, d, n, device=u.device, dtype=torch.float32)
-              if save_states else last)
-    _scan_fwd_kernel[(triton.cdiv(d, block_d), b)](
-        u, delta, A, B, C, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
-        out, last, states,
-        d, length, bc_len, n_tiles,
-        N=n, BLOCK_D=block_d, BLOCK_L=block_l,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), SAVE_STATES=save_states,
-        num_warps=warps, maxnreg=maxnreg,
-    )
-    return out, last, (states if save_states else None)
+    last = torch.empty(b, n, d, **f32)
+    states = torch.empty(b, n_tiles, n, d, **f32) if save_states else last
+    hloc = torch.empty(b, n_chunks, n, d, **f32)
+    dtsum = torch.empty(b, n_chunks, d, **f32)
+    sizes = (b, d, length, bc_len, per_chunk, n_tiles, n_chunks)
+    common = dict(N=n, BLOCK_D=block_d, BLOCK_L=block_l, HAS_BIAS=delta_bias is not None,
+                  SOFTPLUS=bool(delta_softplus), num_warps=warps, maxnreg=maxnreg)
+    bias = _optional(delta_bias, u)
+    if n_chunks > 1:
+        _fwd_chunk_state_kernel[(d_blocks, n_chunks - 1, b)](
+            u, delta, A, B, bias, hloc, dtsum, *sizes, **common)
+    _scan_fwd_kernel[(d_blocks, n_chunks, b)](
+        u, delta, A, B, C, _optional(D, u), _optional(z, u), bias,
+        out, last, states, hloc, dtsum, *sizes,
+        HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states, **common)
+    # the kernels write every state as (n, d) rows: the last one is handed out as (b, d, n)
+    return out, last.transpose(1, 2), (states if save_states else None)
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, dout, dlast,
                   config: ScanKernelConfig = DEFAULT_CONFIG):
-    """Launch the backward kernel. Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in
-    its input's dtype (None for absent optional inputs)."""
+    """Launch the backward kernels. Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each
+    in its input's dtype (None for absent optional inputs)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A, dout = (t.contiguous() for t in (u, delta, A, dout))
-    n_tiles = triton.cdiv(length, config.bwd_block_l)
-    bc_len = n_tiles * config.bwd_block_l
+    block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=True)
+    n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
+    bc_len = n_tiles * block_l
     B32, C32 = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     if states.shape[1] != n_tiles:
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
-    d_blocks = triton.cdiv(d, config.bwd_block_d)
     f32 = dict(device=u.device, dtype=torch.float32)
     # The kernel writes row-major (b, d, l). empty_like would copy a non-dense input's stride
     # order (the model's z is a transposed half of in_proj's output), scrambling dz.
@@ -445,27 +610,32 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     du = torch.empty_like(u, **dense)
     ddelta = torch.empty_like(delta, **dense)
     dz = torch.empty_like(z, **dense) if z is not None else None
-    dA_part = torch.empty(b, d, n, **f32)
-    dD_part = torch.empty(b, d, **f32) if D is not None else None
-    dbias_part = torch.empty(b, d, **f32) if delta_bias is not None else None
+    qloc = torch.empty(b, n_chunks, n, d, **f32)
+    dtsum = torch.empty(b, n_chunks, d, **f32)
+    dA_part = torch.empty(n_chunks, b, n, d, **f32)
+    dD_part = torch.empty(n_chunks, b, d, **f32) if D is not None else None
+    dbias_part = torch.empty(n_chunks, b, d, **f32) if delta_bias is not None else None
     dB_part = torch.empty(d_blocks, b, n, length, **f32)
     dC_part = torch.empty(d_blocks, b, n, length, **f32)
-    _scan_bwd_kernel[(d_blocks, b)](
-        u, delta, A, B32, C32, _optional(D, u), _optional(z, u), _optional(delta_bias, u),
-        dout, _optional(dlast, states), states,
+    sizes = (b, d, length, bc_len, per_chunk, n_tiles, n_chunks)
+    common = dict(N=n, BLOCK_D=block_d, BLOCK_L=block_l, HAS_Z=z is not None,
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                  num_warps=warps, maxnreg=maxnreg)
+    bias, zz = _optional(delta_bias, u), _optional(z, u)
+    if n_chunks > 1:
+        _bwd_chunk_adjoint_kernel[(d_blocks, n_chunks - 1, b)](
+            delta, A, C32, zz, bias, dout, qloc, dtsum, *sizes, **common)
+    _scan_bwd_kernel[(d_blocks, n_chunks, b)](
+        u, delta, A, B32, C32, _optional(D, u), zz, bias,
+        dout, _optional(dlast, states), states, qloc, dtsum,
         du, ddelta, _optional(dz, du), dA_part, _optional(dD_part, dA_part),
-        _optional(dbias_part, dA_part), dB_part, dC_part,
-        b, d, length, bc_len, n_tiles,
-        N=n, BLOCK_D=config.bwd_block_d, BLOCK_L=config.bwd_block_l,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None,
-        num_warps=config.bwd_warps, maxnreg=config.bwd_maxnreg,
-    )
-    dA = dA_part.sum(0).to(A.dtype)
+        _optional(dbias_part, dA_part), dB_part, dC_part, *sizes,
+        HAS_D=D is not None, HAS_DLAST=dlast is not None, **common)
+    dA = dA_part.sum((0, 1)).t().to(A.dtype)
     dB = dB_part.sum(0).to(B.dtype)
     dC = dC_part.sum(0).to(C.dtype)
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
