@@ -7,13 +7,13 @@ Recurrence (per batch b, channel d, state n; time t)::
     y_t  = sum_n C_t h_t + D u_t
     out  = y * silu(z)                          (gating optional)
 
-Layout of the work. A tile is ``BLOCK_D`` channels x ``BLOCK_L`` steps with one thread per
-channel: with ``BLOCK_L`` <= 8 bf16 steps (at most 16 bytes, one vector load) the whole tile
-row sits in the thread's registers, so the scans along time are sequential register code, with
-no shuffles and no shared memory. A program walks the tiles of one *chunk* of the sequence, carrying the n
-state components as ``(BLOCK_D,)`` vectors. One thread per channel alone would leave the GPU
-nearly idle (d = 3840 is 120 warps), so the sequence is cut into chunks scanned in parallel, in
-three steps (the classic parallel scan over chunks):
+Layout of the work. A tile is ``BLOCK_D`` channels x ``BLOCK_L`` steps with one thread per channel:
+with ``BLOCK_L`` <= 8 bf16 steps (at most 16 bytes, one vector load) the whole tile row sits in the
+thread's registers, so the scans along time are sequential register code, with no shuffles and no
+shared memory. A program walks the tiles of one *chunk* of the sequence, carrying the n state
+components as ``(BLOCK_D,)`` vectors. One thread per channel alone would leave the GPU nearly idle
+(d = 3840 is 120 warps), so the sequence is cut into chunks scanned in parallel, in three steps
+(the classic parallel scan over chunks):
 
 1. ``_fwd_chunk_state_kernel``: every chunk but the last, from a zero state: its end state and
    the sum of its steps (its total decay is exp(A sum dt));
