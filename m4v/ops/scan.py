@@ -22,9 +22,10 @@ Backends (``backend=``):
 * ``"triton"``: the fused GPU kernel of :mod:`m4v.ops.scan_triton`, CUDA tensors only.
 * ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when it can be imported. Its backward ignores the
   gradient of the last state (only ``out`` is differentiated); the other backends propagate both.
-* ``"auto"``: CUDA tensors: mamba_ssm, else triton, else torch; any other device: torch. The
-  order is measured: on an H100 and an H200 mamba-ssm's kernel is 1.6-1.9x faster than ours
-  forward+backward (reports/benchmarks/scan_gpu.json, scan_gpu_h100.json).
+* ``"auto"``: CUDA tensors: the faster fused kernel, else torch; any other device: torch. The
+  order is measured on an H200 (reports/benchmarks/scan_gpu.json): when a gradient will be
+  taken, mamba_ssm (its forward+backward is ~1.8x ours), else triton (our no-grad forward is
+  faster than mamba-ssm's).
 
 FLOPs (:func:`selective_scan_flops`), counting every multiply, add and transcendental as one,
 per state element (b, d, l, n) of the forward recurrence as defined (sequential evaluation):
@@ -149,18 +150,21 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
     return None if reason is None else f"{backend} is not importable: {reason}"
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    """Backends usable for tensors on ``device``, fastest first."""
-    order = ("mamba_ssm", "triton", "torch", "reference")
+def available_backends(device: torch.device | str, grad: bool = True) -> list[str]:
+    """Backends usable for tensors on ``device``, fastest first, for a call that will be
+    differentiated (``grad``) or not: the two fused kernels trade places (module docstring)."""
+    fused = ("mamba_ssm", "triton") if grad else ("triton", "mamba_ssm")
+    order = (*fused, "torch", "reference")
     return [b for b in order if backend_unavailable_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend ``backend`` means for tensors on ``device``; raises if unusable."""
+def resolve_backend(backend: str, device: torch.device | str, grad: bool = True) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device`` in a call that will be
+    differentiated (``grad``) or not; raises if unusable."""
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return available_backends(device)[0]
+        return available_backends(device, grad)[0]
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"selective_scan backend {backend!r} is unavailable: {reason}")
@@ -195,7 +199,9 @@ def selective_scan(
         # Under torch.jit.trace shapes are traced values: checking them is meant to be static.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    name = resolve_backend(backend, u.device, grad)
     if name in _NEEDS_CUDA:
         fn = _import(name)[0]
         return fn(
