@@ -190,6 +190,18 @@ def _zeros_state(rows, N: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(pid_d, pid_b, dim, length, bc_len, N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_L: tl.constexpr):
+    """What every kernel knows of its program: its channels ``rows`` (BLOCK_D,) and which exist,
+    the tile's columns (BLOCK_L,), masks (1, BLOCK_L) of the first and last column, the offset of
+    each row in (b, d, l) inputs and of the batch row in the (b, n, l) B and C."""
+    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_L)
+    return (rows, rows < dim, cols, (cols == 0)[None, :], (cols == BLOCK_L - 1)[None, :],
+            (pid_b * dim + rows).to(tl.int64) * length, pid_b.to(tl.int64) * N * bc_len)
+
+
+@triton.jit
 def _fold_chunks(carry, A2, dtsum_ptr, local_ptr, pid_b, n_chunks, dim, rows, row_ok,
                  first, count, step, N: tl.constexpr):
     """carry <- exp(A S_j) carry + local_j for chunks j = first, first + step, ... (count of
@@ -233,13 +245,8 @@ def _fwd_chunk_state_kernel(
 ):
     """Chunk ``pid_c`` (all but the last) from a zero state: its end state and sum of steps."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < dim
-    cols = tl.arange(0, BLOCK_L)
-    first = (cols == 0)[None, :]
-    last = (cols == BLOCK_L - 1)[None, :]
-    row_base = (pid_b * dim + rows).to(tl.int64) * length
-    bc_base = pid_b.to(tl.int64) * N * bc_len
+    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
 
@@ -276,13 +283,8 @@ def _scan_fwd_kernel(
     SAVE_STATES: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < dim
-    cols = tl.arange(0, BLOCK_L)
-    first = (cols == 0)[None, :]
-    last = (cols == BLOCK_L - 1)[None, :]
-    row_base = (pid_b * dim + rows).to(tl.int64) * length
-    bc_base = pid_b.to(tl.int64) * N * bc_len
+    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
     Dv = _row_vector(D_ptr, rows, row_ok, HAS_D)
@@ -338,13 +340,8 @@ def _bwd_chunk_adjoint_kernel(
     sends to the chunk before, q = a_{t0} g_{t0} at its first step t0, and its sum of steps.
     Backwards, q_{t-1} = a_t (C_t dy_t + q_t): one exp per step, like the forward."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
-    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < dim
-    cols = tl.arange(0, BLOCK_L)
-    first = (cols == 0)[None, :]
-    last = (cols == BLOCK_L - 1)[None, :]
-    row_base = (pid_b * dim + rows).to(tl.int64) * length
-    bc_base = pid_b.to(tl.int64) * N * bc_len
+    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
 
@@ -384,13 +381,8 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < dim
-    cols = tl.arange(0, BLOCK_L)
-    first = (cols == 0)[None, :]
-    last = (cols == BLOCK_L - 1)[None, :]
-    row_base = (pid_b * dim + rows).to(tl.int64) * length
-    bc_base = pid_b.to(tl.int64) * N * bc_len
+    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     # this program's slice of the (d-blocks, b, n, l) partial sums of dB and dC
     part_base = (pid_d * batch + pid_b).to(tl.int64) * N * length
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
