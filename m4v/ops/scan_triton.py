@@ -129,6 +129,18 @@ def _then(a_first, x_first, a_second, x_second):
 
 
 @triton.jit
+def _carried_scan(a, x, carry, REVERSE: tl.constexpr):
+    """h_t = a_t h_{t-1} + x_t along a (BLOCK_D, BLOCK_L) tile, with the (BLOCK_D,) state carried
+    in from the previous tile entering through the first step (x_0 += a_0 carry); with REVERSE
+    time runs backwards and the carry enters through the last step."""
+    cols = tl.arange(0, x.shape[1])[None, :]
+    enter = cols == (x.shape[1] - 1 if REVERSE else 0)
+    _, h = tl.associative_scan((a, tl.where(enter, x + a * carry[:, None], x)), 1, _then,
+                               reverse=REVERSE)
+    return h
+
+
+@triton.jit
 def _softplus(x):
     """log(1 + e^x), identity above 20 (the torch / mamba-ssm threshold). log1p(e) for
     e = e^-|x| by Goldberg's correction log(w) * e / (w - 1), w = 1 + e: accurate to a few ulps
@@ -226,6 +238,13 @@ def _store_state(ptr, at, hs, dim, rows, row_ok, N: tl.constexpr):
 
 
 @triton.jit
+def _store_summary(local_ptr, dtsum_ptr, at, carry, dtsum, dim, rows, row_ok, N: tl.constexpr):
+    """A chunk's summary at ``at`` = (batch, chunk): its carried state and its sum of steps."""
+    _store_state(local_ptr, at, carry, dim, rows, row_ok, N)
+    tl.store(dtsum_ptr + at.to(tl.int64) * dim + rows, dtsum, mask=row_ok)
+
+
+@triton.jit
 def _column(x, at):
     """x[:, j] of a (BLOCK_D, BLOCK_L) tile; ``at`` (1, BLOCK_L) is True at column j only. A
     select (not a product with a one-hot) so the compiler drops the registers known to be off."""
@@ -263,14 +282,10 @@ def _fwd_chunk_state_kernel(
         for n in tl.static_range(N):
             # a scan, not a reduction: Triton's cross-lane reductions may reorder the steps
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
-            a = tl.exp2(dt * A2[n][:, None])
-            x = dtu * Bn[None, :]
-            _, h = tl.associative_scan((a, tl.where(first, x + a * hs[n][:, None], x)), 1, _then)
+            h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n], False)
             new += (_column(h, last),)
         hs = new
-    at = pid_b * n_chunks + pid_c
-    _store_state(hloc_ptr, at, hs, dim, rows, row_ok, N)
-    tl.store(dtsum_ptr + at.to(tl.int64) * dim + rows, dtsum, mask=row_ok)
+    _store_summary(hloc_ptr, dtsum_ptr, pid_b * n_chunks + pid_c, hs, dtsum, dim, rows, row_ok, N)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -309,11 +324,7 @@ def _scan_fwd_kernel(
             # B, C: fp32, zero-padded to whole tiles (no masks, no conversions)
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
             Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
-            a = tl.exp2(dt * A2[n][:, None])
-            x = dtu * Bn[None, :]
-            # the carried state enters through the first step: x_0 += a_0 h_in
-            x = tl.where(first, x + a * hs[n][:, None], x)
-            _, h = tl.associative_scan((a, x), 1, _then)
+            h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n], False)
             y += h * Cn[None, :]
             new += (_column(h, last),)
         hs = new
@@ -360,14 +371,10 @@ def _bwd_chunk_adjoint_kernel(
         for n in tl.static_range(N):
             Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
             a = tl.exp2(dt * A2[n][:, None])
-            x = a * dy * Cn[None, :]
-            _, q = tl.associative_scan((a, tl.where(last, x + a * qs[n][:, None], x)), 1, _then,
-                                       reverse=True)
+            q = _carried_scan(a, a * dy * Cn[None, :], qs[n], True)
             new += (_column(q, first),)
         qs = new
-    at = pid_b * n_chunks + pid_c
-    _store_state(qloc_ptr, at, qs, dim, rows, row_ok, N)
-    tl.store(dtsum_ptr + at.to(tl.int64) * dim + rows, dtsum, mask=row_ok)
+    _store_summary(qloc_ptr, dtsum_ptr, pid_b * n_chunks + pid_c, qs, dtsum, dim, rows, row_ok, N)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -439,7 +446,7 @@ def _scan_bwd_kernel(
             # forward states inside the tile
             a = tl.exp2(dt * A2[n][:, None])
             x = dtu * Bn
-            _, h = tl.associative_scan((a, tl.where(first, x + a * h0[:, None], x)), 1, _then)
+            h = _carried_scan(a, x, h0, False)
             if HAS_Z:
                 y += h * Cn
             # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}; what enters from the right joins at the
