@@ -123,6 +123,7 @@ def sequence_index(text_mask: Tensor, spec: SequenceSpec) -> SequenceIndex:
     lm, lv = forward.numel(), inverse.numel()
     lj = lt + lv
     ls = lt + lm + (lt if spec.text_recomposition else 0)
+    # the zero row comes after the b (Lt + Lv) token rows in both flat layouts (joint, streams)
     zero, register = b * lj, b * lj + 1
     joint0 = torch.arange(b, device=device)[:, None] * lj  # (b, 1) first joint row of a sample
     seq0 = torch.arange(b, device=device)[:, None] * ls
@@ -133,7 +134,7 @@ def sequence_index(text_mask: Tensor, spec: SequenceSpec) -> SequenceIndex:
     video_token = (forward - 1).clamp(min=0)[None]
     compose = [torch.where(text_mask.gather(1, left), joint0 + left, zero),
                torch.where(is_register, register, joint0 + lt + video_token)]
-    adjoint = [text0 + left, torch.where(is_register, b * (lt + lv), video0 + video_token)]
+    adjoint = [text0 + left, torch.where(is_register, zero, video0 + video_token)]
     if spec.text_recomposition:
         compose.append(torch.where(text_mask.gather(1, right), joint0 + right, zero))
         adjoint.append(text0 + right)
