@@ -41,10 +41,10 @@ ANCHOR = "mamba_ssm"
 CANDIDATES = [
     {},
     dict(fwd_programs_per_sm=64, bwd_programs_per_sm=32),
-    dict(fwd_block_l=8, fwd_programs_per_sm=64, bwd_block_l=4, bwd_programs_per_sm=32),
-    dict(fwd_block_l=2, bwd_block_l=4),
-    dict(fwd_block_d=64, bwd_block_d=64),
-    dict(fwd_maxnreg=128, bwd_maxnreg=128),
+    dict(fwd_programs_per_sm=16, bwd_programs_per_sm=128),
+    dict(fwd_block_l=8, fwd_programs_per_sm=64, bwd_block_l=4),
+    dict(fwd_block_l=2, bwd_block_l=16, bwd_programs_per_sm=32),
+    dict(fwd_block_d=64, fwd_warps=2, bwd_block_d=64, bwd_warps=2),
 ]
 SWEEP_LENGTH = 16384
 

@@ -98,9 +98,10 @@ def check_against_loop(inputs, softplus, tol, *, config=None, last_state=True):
 SMALL = ScanKernelConfig(fwd_block_l=4, fwd_block_d=64, fwd_programs_per_sm=1024,
                          bwd_block_l=4, bwd_block_d=64, bwd_programs_per_sm=1024)
 # tile rows spread over several threads (time crosses lanes), different tiles and channel
-# blocks forward and backward, hence different chunks, and a few chunks only
-SPLIT = ScanKernelConfig(fwd_block_l=16, fwd_block_d=2, fwd_warps=2, fwd_programs_per_sm=1,
-                         bwd_block_l=32, bwd_block_d=8, bwd_warps=1, bwd_programs_per_sm=1)
+# blocks forward and backward, hence different chunks, and a few chunks only; the forward's
+# tiles longer than the backward's (it runs on the backward's to save their states)
+SPLIT = ScanKernelConfig(fwd_block_l=32, fwd_block_d=2, fwd_warps=2, fwd_programs_per_sm=1,
+                         bwd_block_l=8, bwd_block_d=8, bwd_warps=1, bwd_programs_per_sm=1)
 
 
 @pytest.mark.gpu
@@ -199,13 +200,33 @@ def test_model_layout_views():
 
 
 INTERPRETED = """
-import sys, torch
+import sys, torch, triton, triton.language as tl
 sys.path.insert(0, {tests!r})
 from test_scan_triton import ScanKernelConfig, check_against_loop, make_inputs, model_layout
-tiles = ScanKernelConfig(fwd_block_l=4, fwd_block_d=4, fwd_programs_per_sm=2,
-                         bwd_block_l=8, bwd_block_d=8, bwd_programs_per_sm=2)
+from m4v.ops import scan_triton
+
+@triton.jit
+def column_sums(x_ptr, sums_ptr, tile_ptr, R: tl.constexpr, W: tl.constexpr):
+    offs = tl.arange(0, R)[:, None] * W + tl.arange(0, W)[None, :]
+    x = tl.load(x_ptr + offs)
+    tl.store(sums_ptr + tl.arange(0, R), scan_triton._column_sums(x))
+    tl.store(tile_ptr + offs, scan_triton._from_columns(scan_triton._columns(x)))
+
+# the reduce-scatter: row r holds the sum of column r // (R / W); columns split and rejoined
+for R, W in ((32, 8), (32, 1), (16, 16), (64, 4)):
+    x = torch.randn(R, W, dtype=torch.float64).float()
+    sums, tile = torch.empty(R), torch.empty(R, W)
+    column_sums[(1,)](x, sums, tile, R, W)
+    want = x.double().sum(0)[torch.arange(R) // (R // W)]
+    assert (sums.double() - want).abs().max() < 1e-5, (R, W)
+    assert torch.equal(tile, x), (R, W)
 inputs = model_layout(make_inputs(1, 6, 4, 37, torch.float32, seed=3, device="cpu"))
-check_against_loop(inputs, True, 2e-4, config=tiles)
+# a saved state every other forward tile; then forward tiles longer than the backward's
+for tiles in (ScanKernelConfig(fwd_block_l=4, fwd_block_d=4, fwd_programs_per_sm=2,
+                               bwd_block_l=8, bwd_block_d=8, bwd_programs_per_sm=2),
+              ScanKernelConfig(fwd_block_l=8, fwd_block_d=8, fwd_programs_per_sm=2,
+                               bwd_block_l=4, bwd_block_d=4, bwd_programs_per_sm=2)):
+    check_against_loop(inputs, True, 2e-4, config=tiles)
 """
 
 
@@ -247,6 +268,8 @@ def test_rejects_bad_inputs():
                                  "C": torch.zeros(1, 65, 8)})
     with pytest.raises(ValueError, match="power of two"):
         ScanKernelConfig(bwd_block_l=48)
+    with pytest.raises(ValueError, match="bwd_block_d .4. must be >= bwd_block_l .8."):
+        ScanKernelConfig(bwd_block_d=4, bwd_block_l=8)
     with pytest.raises(ValueError, match="maxnreg must be in"):
         ScanKernelConfig(bwd_maxnreg=300)
     with pytest.raises(ValueError, match="needs CUDA"):

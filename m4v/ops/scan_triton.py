@@ -25,15 +25,14 @@ Chunks before the last are scanned twice: the price of parallelism, chosen (``*_
 so that the GPU is full and no more. Loads are bf16/fp16/fp32, maths is fp32; softplus, the bias,
 ``D * u`` and the ``silu(z)`` gate are fused.
 
-Backward: with a gradient to come, the forward runs on the backward's tiles and saves the state
-entering every tile, ``(b, tiles, n, d)`` float32 (8 bytes per input element at 8-step tiles and
-n = 16). The
-adjoint ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` runs backwards in time, with the same three steps
-mirrored: ``_bwd_chunk_adjoint_kernel`` summarises every chunk but the first (the adjoint it
+Backward: with a gradient to come, the forward saves the state entering every tile of the
+backward, ``(b, tiles, n, d)`` float32 (8 bytes per input element at 8-step tiles and n = 16).
+The adjoint ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` runs backwards in time, with the same three
+steps mirrored: ``_bwd_chunk_adjoint_kernel`` summarises every chunk but the first (the adjoint it
 sends to the chunk before, ``a_{t0} g_{t0}``, from a zero start), each program folds the chunks
 after its own, and ``_scan_bwd_kernel`` walks its chunk's tiles in reverse: per tile it recomputes
-h from the saved state and runs the adjoint as a reversed scan (a_{t+1} from delta read one step
-later). From h and g:
+h from the saved state and runs the adjoint backwards over the tile's columns (a_{t+1} is the next
+column's a; past the tile's end it is folded into what the tile after sent). From h and g:
 
     ddt_t  = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1},   with a_t h_{t-1} = h_t - dt_t u_t B_t
     du_t   = dt_t sum_n g_t B_t + D dy_t
@@ -42,7 +41,8 @@ later). From h and g:
 
 dB and dC are sums over channels that several programs share, dA, dD and the bias gradient sums
 over time that several chunks share: every program writes its partial sums to its own slice of a
-float32 buffer, reduced afterwards with ``torch.sum`` (deterministic, no atomics). Unlike
+float32 buffer, reduced afterwards with ``torch.sum`` (deterministic, no atomics); the sums over
+a tile's channels are a reduce-scatter across the warp (``_column_sums``). Unlike
 mamba-ssm, a gradient flowing into ``last_state`` is propagated.
 
 Speed: ``benchmarks/scan_gpu.py`` against mamba-ssm in the same run; the figures are in
@@ -68,13 +68,15 @@ MAX_STATE = 64  # the state loop is unrolled at compile time
 class ScanKernelConfig:
     """Tiles, warps, register caps and chunking of the kernels, per pass.
 
-    ``fwd_*`` set the forward when no gradient is needed; ``bwd_*`` the backward and the forward
-    under autograd, which saves one state per ``bwd_block_l`` steps for it. ``*_block_l`` steps
+    ``fwd_*`` set the forward, ``bwd_*`` the backward; under autograd the forward saves one state
+    per ``bwd_block_l`` steps for it, on tiles of at most that many steps. ``*_block_l`` steps
     per tile; ``*_block_d`` channels per program, one per thread when it equals 32 x
-    ``*_warps``; ``*_programs_per_sm``: the sequence is cut into as many chunks as it takes to
-    give every streaming multiprocessor about this many programs (fewer chunks when the batch and
-    the channels already do). Defaults: the fastest of a sweep on an H200 at d = 3840, d_state
-    16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``, reports/benchmarks/scan_gpu.json).
+    ``*_warps`` (``bwd_block_d`` >= ``bwd_block_l``: each channel row ends up holding one
+    column's sum in ``_column_sums``); ``*_programs_per_sm``: the sequence is cut into as many
+    chunks as it takes to give every streaming multiprocessor about this many programs (fewer
+    chunks when the batch and the channels already do). Defaults: the fastest of a sweep on an
+    H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``,
+    reports/benchmarks/scan_gpu.json).
     """
 
     fwd_block_l: int = 4
@@ -99,10 +101,13 @@ class ScanKernelConfig:
                     raise ValueError(f"ScanKernelConfig.{name} must be >= 1, got {v}")
             elif v < 1 or v & (v - 1):
                 raise ValueError(f"ScanKernelConfig.{name} must be a power of two, got {v}")
+        if self.bwd_block_d < self.bwd_block_l:
+            raise ValueError(f"ScanKernelConfig.bwd_block_d ({self.bwd_block_d}) must be >= "
+                             f"bwd_block_l ({self.bwd_block_l})")
 
     def tiles(self, grad: bool) -> tuple[int, int, int, int, int | None]:
-        """(block_l, block_d, warps, programs_per_sm, maxnreg) of the forward without a gradient
-        to come, or of the backward (and of the forward that saves its states)."""
+        """(block_l, block_d, warps, programs_per_sm, maxnreg) of the forward or, with
+        ``grad``, of the backward."""
         p = "bwd" if grad else "fwd"
         return tuple(getattr(self, f"{p}_{k}") for k in
                      ("block_l", "block_d", "warps", "programs_per_sm", "maxnreg"))
@@ -129,15 +134,67 @@ def _then(a_first, x_first, a_second, x_second):
 
 
 @triton.jit
-def _carried_scan(a, x, carry, REVERSE: tl.constexpr):
+def _carried_scan(a, x, carry):
     """h_t = a_t h_{t-1} + x_t along a (BLOCK_D, BLOCK_L) tile, with the (BLOCK_D,) state carried
-    in from the previous tile entering through the first step (x_0 += a_0 carry); with REVERSE
-    time runs backwards and the carry enters through the last step."""
-    cols = tl.arange(0, x.shape[1])[None, :]
-    enter = cols == (x.shape[1] - 1 if REVERSE else 0)
-    _, h = tl.associative_scan((a, tl.where(enter, x + a * carry[:, None], x)), 1, _then,
-                               reverse=REVERSE)
+    in from the previous tile entering through the first step (x_0 += a_0 carry)."""
+    first = tl.arange(0, x.shape[1])[None, :] == 0
+    _, h = tl.associative_scan((a, tl.where(first, x + a * carry[:, None], x)), 1, _then)
     return h
+
+
+@triton.jit
+def _columns(x):
+    """The W columns (R,) of x (R, W), W a power of two, as a tuple in order; register moves
+    only, when a thread holds whole rows."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    cols = (x,)
+    for j in tl.static_range(8):
+        if (W >> j) > 1:
+            halves = ()
+            for k in tl.static_range(1 << j):
+                lo, hi = cols[k].reshape(R, 2, W >> (j + 1)).permute(0, 2, 1).split()
+                halves += (lo, hi)
+            cols = halves
+    out = ()
+    for k in tl.static_range(W):
+        out += (cols[k].reshape(R),)
+    return out
+
+
+@triton.jit
+def _from_columns(cols):
+    """The tile (R, W) of a tuple of W columns (R,): the inverse of ``_columns``."""
+    W: tl.constexpr = len(cols)
+    R: tl.constexpr = cols[0].shape[0]
+    parts = ()
+    for k in tl.static_range(W):
+        parts += (cols[k].reshape(R, 1),)
+    for _halvings in tl.static_range(8):
+        if len(parts) > 1:
+            pairs = ()
+            for k in tl.static_range(len(parts) // 2):
+                joined = tl.join(parts[2 * k], parts[2 * k + 1]).permute(0, 2, 1)
+                pairs += (joined.reshape(R, 2 * parts[0].shape[1]),)
+            parts = pairs
+    return parts[0]
+
+
+@triton.jit
+def _adjoint_scan(a, c, q):
+    """g_t = c_t + a_{t+1} g_{t+1} backwards along a (BLOCK_D, BLOCK_L) tile, with q (BLOCK_D,),
+    a g at the step after the tile, entering through the last step. Returns g and a_0 g_0, what
+    the tile sends to the one before. A loop over the columns: Triton lowers a reversed
+    ``associative_scan`` with lane shuffles even when the whole row lies in one thread."""
+    a_cols = _columns(a)
+    c_cols = _columns(c)
+    W: tl.constexpr = len(c_cols)
+    g = c_cols[W - 1] + q
+    g_cols = (g,)
+    for k in tl.static_range(W - 1):
+        g = c_cols[W - 2 - k] + a_cols[W - 1 - k] * g
+        g_cols = (g,) + g_cols
+    return _from_columns(g_cols), a_cols[0] * g
 
 
 @triton.jit
@@ -205,11 +262,11 @@ def _zeros_state(rows, N: tl.constexpr):
 def _program_tile(pid_d, pid_b, dim, length, bc_len, N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_L: tl.constexpr):
     """What every kernel knows of its program: its channels ``rows`` (BLOCK_D,) and which exist,
-    the tile's columns (BLOCK_L,), masks (1, BLOCK_L) of the first and last column, the offset of
-    each row in (b, d, l) inputs and of the batch row in the (b, n, l) B and C."""
+    the tile's columns (BLOCK_L,), the mask (1, BLOCK_L) of the last column, the offset of each
+    row in (b, d, l) inputs and of the batch row in the (b, n, l) B and C."""
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_L)
-    return (rows, rows < dim, cols, (cols == 0)[None, :], (cols == BLOCK_L - 1)[None, :],
+    return (rows, rows < dim, cols, (cols == BLOCK_L - 1)[None, :],
             (pid_b * dim + rows).to(tl.int64) * length, pid_b.to(tl.int64) * N * bc_len)
 
 
@@ -251,6 +308,37 @@ def _column(x, at):
     return tl.sum(tl.where(at, x, 0.0), axis=1)
 
 
+@triton.jit
+def _swap_rows(x, M: tl.constexpr):
+    """x (R, W) float32 with rows r and r ^ M exchanged, exactly (a bitwise xor-sum over each
+    pair). With rows on the lanes of a warp this is one shuffle per register."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    y = x.to(tl.int32, bitcast=True).reshape(R // (2 * M), 2, M, W)
+    y = y ^ tl.xor_sum(y, 1, keep_dims=True)
+    return y.reshape(R, W).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _column_sums(x):
+    """Sums over the rows of x (R, W), R >= W powers of two, scattered: row r holds the sum of
+    column r // (R / W). A reduce-scatter: each halving of the columns sends the partner row only
+    the half it gives away, (W - 1) + log2(R / W) shuffles in all where ``tl.sum(x, 0)`` takes
+    W log2(R) (the backward's dB and dC were bound by those shuffles)."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    rows = tl.arange(0, R)[:, None]
+    for j in tl.static_range(8):
+        if (W >> j) > 1:
+            lo, hi = x.reshape(R, 2, W >> (j + 1)).permute(0, 2, 1).split()
+            upper = (rows & (R >> (j + 1))) != 0
+            x = tl.where(upper, hi, lo) + _swap_rows(tl.where(upper, lo, hi), R >> (j + 1))
+    for j in tl.static_range(8):
+        if (R >> j) > W:
+            x += _swap_rows(x, (R // W) >> (j + 1))
+    return tl.sum(x, axis=1)
+
+
 # chunk and tile counts and the batch size only index: no compile per divisibility class
 _RUNTIME_INTS = ["batch", "chunk_tiles", "n_tiles", "n_chunks"]
 
@@ -264,7 +352,7 @@ def _fwd_chunk_state_kernel(
 ):
     """Chunk ``pid_c`` (all but the last) from a zero state: its end state and sum of steps."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
@@ -282,7 +370,7 @@ def _fwd_chunk_state_kernel(
         for n in tl.static_range(N):
             # a scan, not a reduction: Triton's cross-lane reductions may reorder the steps
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
-            h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n], False)
+            h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             new += (_column(h, last),)
         hs = new
     _store_summary(hloc_ptr, dtsum_ptr, pid_b * n_chunks + pid_c, hs, dtsum, dim, rows, row_ok, N)
@@ -295,10 +383,10 @@ def _scan_fwd_kernel(
     batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr,
+    SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
@@ -312,8 +400,10 @@ def _scan_fwd_kernel(
         steps = tile * BLOCK_L + cols
         mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
-        if SAVE_STATES:  # the state entering each tile, for the backward
-            _store_state(states_ptr, pid_b * n_tiles + tile, hs, dim, rows, row_ok, N)
+        if SAVE_STATES and tile % SAVE_EVERY == 0:  # the state entering each backward tile
+            n_saved = (n_tiles + SAVE_EVERY - 1) // SAVE_EVERY
+            _store_state(states_ptr, pid_b * n_saved + tile // SAVE_EVERY, hs, dim, rows,
+                         row_ok, N)
 
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -324,7 +414,7 @@ def _scan_fwd_kernel(
             # B, C: fp32, zero-padded to whole tiles (no masks, no conversions)
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
             Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
-            h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n], False)
+            h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             y += h * Cn[None, :]
             new += (_column(h, last),)
         hs = new
@@ -351,7 +441,7 @@ def _bwd_chunk_adjoint_kernel(
     sends to the chunk before, q = a_{t0} g_{t0} at its first step t0, and its sum of steps.
     Backwards, q_{t-1} = a_t (C_t dy_t + q_t): one exp per step, like the forward."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
-    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
@@ -370,9 +460,8 @@ def _bwd_chunk_adjoint_kernel(
         new = ()
         for n in tl.static_range(N):
             Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
-            a = tl.exp2(dt * A2[n][:, None])
-            q = _carried_scan(a, a * dy * Cn[None, :], qs[n], True)
-            new += (_column(q, first),)
+            _, q = _adjoint_scan(tl.exp2(dt * A2[n][:, None]), dy * Cn[None, :], qs[n])
+            new += (q,)
         qs = new
     _store_summary(qloc_ptr, dtsum_ptr, pid_b * n_chunks + pid_c, qs, dtsum, dim, rows, row_ok, N)
 
@@ -388,8 +477,9 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, row_ok, cols, first, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
+    rows_rel = tl.arange(0, BLOCK_D)
     # this program's slice of the (d-blocks, b, n, l) partial sums of dB and dC
     part_base = (pid_d * batch + pid_b).to(tl.int64) * N * length
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
@@ -415,23 +505,15 @@ def _scan_bwd_kernel(
     for i in range(0, tiles):
         tile = first_tile + tiles - 1 - i
         steps = tile * BLOCK_L + cols
-        step_ok = steps < length
-        mask = row_ok[:, None] & step_ok[None, :]
+        mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
-        next_mask = row_ok[:, None] & (steps + 1 < length)[None, :]
+        # where the scattered sums over the tile's channels go: see _column_sums
+        sum_steps = tile * BLOCK_L + rows_rel // (BLOCK_D // BLOCK_L)
+        sum_ok = (rows_rel % (BLOCK_D // BLOCK_L) == 0) & (sum_steps < length)
 
-        raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw += bias[:, None]
-        dt = raw
-        if SOFTPLUS:
-            dt = _softplus(raw)
-        dt = tl.where(mask, dt, 0.0)
-        # a_{t+1} needs the step after t: the same tile read one step later
-        dt_next = _load_dt(delta_ptr, offs + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dout, zv, dy = _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z)
-        dtu = dt * u
+        dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        _, _, dy = _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z)
 
         st_base = (pid_b * n_tiles + tile).to(tl.int64) * N
         y = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
@@ -446,26 +528,26 @@ def _scan_bwd_kernel(
             # forward states inside the tile
             a = tl.exp2(dt * A2[n][:, None])
             x = dtu * Bn
-            h = _carried_scan(a, x, h0, False)
+            h = _carried_scan(a, x, h0)
             if HAS_Z:
                 y += h * Cn
-            # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}; what enters from the right joins at the
-            # tile's last step
-            c = dy * Cn
-            c = tl.where(last, c + qs[n][:, None], c)
-            _, g = tl.associative_scan((tl.exp2(dt_next * A2[n][:, None]), c), 1, _then,
-                                       reverse=True)
-            new_qs += (_column(a * g, first),)
+            # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, from the tile after through q
+            g, q = _adjoint_scan(a, dy * Cn, qs[n])
+            new_qs += (q,)
 
             gah = g * (h - x)  # g_t a_t h_{t-1}
             gAh += gah * (A2[n] * LN2)[:, None]
             new_dA += (dA_acc[n] + tl.sum(gah * dt, axis=1),)
             gB += g * Bn
-            tl.store(dB_ptr + part_base + n * length + steps, tl.sum(g * dtu, axis=0), mask=step_ok)
-            tl.store(dC_ptr + part_base + n * length + steps, tl.sum(h * dy, axis=0), mask=step_ok)
+            tl.store(dB_ptr + part_base + n * length + sum_steps, _column_sums(g * dtu),
+                     mask=sum_ok)
+            tl.store(dC_ptr + part_base + n * length + sum_steps, _column_sums(h * dy),
+                     mask=sum_ok)
         qs = new_qs
         dA_acc = new_dA
 
+        # read again rather than held through the state loop: registers are the limit there
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         du = dt * gB
         ddt = gAh + u * gB
         if HAS_D:
@@ -474,10 +556,14 @@ def _scan_bwd_kernel(
         if HAS_Z:
             if HAS_D:
                 y += u * Dv[:, None]
+            dout, zv, _ = _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z)
             z_sig = tl.sigmoid(zv)
             dz = dout * y * z_sig * (1.0 + zv * (1.0 - z_sig))
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SOFTPLUS:
+            raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw += bias[:, None]
             ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
         ddt = tl.where(mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
@@ -565,14 +651,19 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
     states (b, tiles, n, d) fp32 or None)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A = (t.contiguous() for t in (u, delta, A))
-    block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=save_states)
+    block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=False)
+    save_every = 1
+    if save_states:  # the states fall on the backward's tile boundaries: tiles that divide those
+        block_l = min(block_l, config.bwd_block_l)
+        save_every = config.bwd_block_l // block_l
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
     bc_len = n_tiles * block_l
     B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = torch.empty(b, n, d, **f32)
-    states = torch.empty(b, n_tiles, n, d, **f32) if save_states else last
+    states = (torch.empty(b, triton.cdiv(n_tiles, save_every), n, d, **f32) if save_states
+              else last)
     hloc = torch.empty(b, n_chunks, n, d, **f32)
     dtsum = torch.empty(b, n_chunks, d, **f32)
     sizes = (b, d, length, bc_len, per_chunk, n_tiles, n_chunks)
@@ -585,7 +676,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
     _scan_fwd_kernel[(d_blocks, n_chunks, b)](
         u, delta, A, B, C, _optional(D, u), _optional(z, u), bias,
         out, last, states, hloc, dtsum, *sizes,
-        HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states, **common)
+        HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states,
+        SAVE_EVERY=save_every, **common)
     # the kernels write every state as (n, d) rows: the last one is handed out as (b, d, n)
     return out, last.transpose(1, 2), (states if save_states else None)
 
