@@ -6,7 +6,8 @@ forward time (under no_grad, as in inference), forward+backward time (autograd.g
 inputs), the forward's effective bandwidth (the fewest bytes it must move: u, delta, z read, out
 written, B and C read, over its time) and the speed-up over mamba-ssm measured in the same run.
 Outputs and gradients of the Triton kernel are compared with mamba-ssm's at every length.
-``--sweep`` first times a few tile configurations of the Triton kernel at 16k and uses the best.
+``--sweep`` first compiles a few tile configurations of the Triton kernel in parallel, times them at
+16k and uses the best.
 
     python benchmarks/scan_gpu.py                       # writes reports/benchmarks/scan_gpu.json
     python benchmarks/scan_gpu.py --sweep --out $OUT/scan_gpu.json
@@ -200,6 +201,7 @@ def main(argv=None) -> dict:
         return {}
     config, sweep_rows = scan_triton.DEFAULT_CONFIG, []
     if args.sweep or args.sweep_only:
+        precompile(b, d, n)  # one candidate's kernels take about a minute to compile
         config, sweep_rows = sweep(b, d, n, max(3, args.repeats // 2))
         print(f"[scan_gpu] chosen config: {config}")
     fns = load_backends(args.backends, config)
