@@ -22,10 +22,10 @@ Backends (``backend=``):
 * ``"triton"``: the fused GPU kernel of :mod:`m4v.ops.scan_triton`, CUDA tensors only.
 * ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when it can be imported. Its backward ignores the
   gradient of the last state (only ``out`` is differentiated); the other backends propagate both.
-* ``"auto"``: CUDA tensors: the faster fused kernel, else torch; any other device: torch. The
-  order is measured on an H200 (reports/benchmarks/scan_gpu.json): when a gradient will be
-  taken, mamba_ssm (its forward+backward is ~1.8x ours), else triton (our no-grad forward is
-  faster than mamba-ssm's).
+* ``"auto"``: CUDA tensors: a fused kernel, else torch; any other device: torch. The order is
+  measured on an H200 (reports/benchmarks/scan_gpu.json): when a gradient will be taken,
+  mamba_ssm (its forward+backward is as fast as ours from 16k tokens, 1.3x at 4k), else triton
+  (our no-grad forward is 1.13-1.25x mamba-ssm's at 16k-64k, 0.71x at 4k).
 
 FLOPs (:func:`selective_scan_flops`), counting every multiply, add and transcendental as one,
 per state element (b, d, l, n) of the forward recurrence as defined (sequential evaluation):
