@@ -143,6 +143,12 @@ def _carried_scan(a, x, carry):
 
 
 @triton.jit
+def _halves(x):
+    """The first and the second half of the columns of x (R, W), each (R, W / 2)."""
+    return x.reshape(x.shape[0], 2, x.shape[1] // 2).permute(0, 2, 1).split()
+
+
+@triton.jit
 def _columns(x):
     """The W columns (R,) of x (R, W), W a power of two, as a tuple in order; register moves
     only, when a thread holds whole rows."""
@@ -153,8 +159,7 @@ def _columns(x):
         if (W >> j) > 1:
             halves = ()
             for k in tl.static_range(1 << j):
-                lo, hi = cols[k].reshape(R, 2, W >> (j + 1)).permute(0, 2, 1).split()
-                halves += (lo, hi)
+                halves += _halves(cols[k])
             cols = halves
     out = ()
     for k in tl.static_range(W):
@@ -262,12 +267,12 @@ def _zeros_state(rows, N: tl.constexpr):
 def _program_tile(pid_d, pid_b, dim, length, bc_len, N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_L: tl.constexpr):
     """What every kernel knows of its program: its channels ``rows`` (BLOCK_D,) and which exist,
-    the tile's columns (BLOCK_L,), the mask (1, BLOCK_L) of the last column, the offset of each
-    row in (b, d, l) inputs and of the batch row in the (b, n, l) B and C."""
+    the tile's columns (BLOCK_L,), the offset of each row in (b, d, l) inputs and of the batch row
+    in the (b, n, l) B and C."""
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_L)
-    return (rows, rows < dim, cols, (cols == BLOCK_L - 1)[None, :],
-            (pid_b * dim + rows).to(tl.int64) * length, pid_b.to(tl.int64) * N * bc_len)
+    return (rows, rows < dim, cols, (pid_b * dim + rows).to(tl.int64) * length,
+            pid_b.to(tl.int64) * N * bc_len)
 
 
 @triton.jit
@@ -302,13 +307,6 @@ def _store_summary(local_ptr, dtsum_ptr, at, carry, dtsum, dim, rows, row_ok, N:
 
 
 @triton.jit
-def _column(x, at):
-    """x[:, j] of a (BLOCK_D, BLOCK_L) tile; ``at`` (1, BLOCK_L) is True at column j only. A
-    select (not a product with a one-hot) so the compiler drops the registers known to be off."""
-    return tl.sum(tl.where(at, x, 0.0), axis=1)
-
-
-@triton.jit
 def _swap_rows(x, M: tl.constexpr):
     """x (R, W) float32 with rows r and r ^ M exchanged, exactly (a bitwise xor-sum over each
     pair). With rows on the lanes of a warp this is one shuffle per register."""
@@ -330,7 +328,7 @@ def _column_sums(x):
     rows = tl.arange(0, R)[:, None]
     for j in tl.static_range(8):
         if (W >> j) > 1:
-            lo, hi = x.reshape(R, 2, W >> (j + 1)).permute(0, 2, 1).split()
+            lo, hi = _halves(x)
             upper = (rows & (R >> (j + 1))) != 0
             x = tl.where(upper, hi, lo) + _swap_rows(tl.where(upper, lo, hi), R >> (j + 1))
     for j in tl.static_range(8):
@@ -352,7 +350,7 @@ def _fwd_chunk_state_kernel(
 ):
     """Chunk ``pid_c`` (all but the last) from a zero state: its end state and sum of steps."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
@@ -371,7 +369,7 @@ def _fwd_chunk_state_kernel(
             # a scan, not a reduction: Triton's cross-lane reductions may reorder the steps
             Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
             h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
-            new += (_column(h, last),)
+            new += (_columns(h)[BLOCK_L - 1],)
         hs = new
     _store_summary(hloc_ptr, dtsum_ptr, pid_b * n_chunks + pid_c, hs, dtsum, dim, rows, row_ok, N)
 
@@ -386,7 +384,7 @@ def _scan_fwd_kernel(
     SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
@@ -394,6 +392,7 @@ def _scan_fwd_kernel(
 
     hs = _fold_chunks(_zeros_state(rows, N), A2, dtsum_ptr, hloc_ptr, pid_b, n_chunks, dim,
                       rows, row_ok, 0, pid_c, 1, N)
+    n_saved = (n_tiles + SAVE_EVERY - 1) // SAVE_EVERY
     first_tile = pid_c * chunk_tiles
     for i in range(0, tl.minimum(chunk_tiles, n_tiles - first_tile)):
         tile = first_tile + i
@@ -401,7 +400,6 @@ def _scan_fwd_kernel(
         mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
         if SAVE_STATES and tile % SAVE_EVERY == 0:  # the state entering each backward tile
-            n_saved = (n_tiles + SAVE_EVERY - 1) // SAVE_EVERY
             _store_state(states_ptr, pid_b * n_saved + tile // SAVE_EVERY, hs, dim, rows,
                          row_ok, N)
 
@@ -416,7 +414,7 @@ def _scan_fwd_kernel(
             Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
             h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             y += h * Cn[None, :]
-            new += (_column(h, last),)
+            new += (_columns(h)[BLOCK_L - 1],)
         hs = new
 
         if HAS_D:
@@ -441,7 +439,7 @@ def _bwd_chunk_adjoint_kernel(
     sends to the chunk before, q = a_{t0} g_{t0} at its first step t0, and its sum of steps.
     Backwards, q_{t-1} = a_t (C_t dy_t + q_t): one exp per step, like the forward."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
-    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
@@ -477,7 +475,7 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows, row_ok, cols, last, row_base, bc_base = _program_tile(
+    rows, row_ok, cols, row_base, bc_base = _program_tile(
         pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
     rows_rel = tl.arange(0, BLOCK_D)
     # this program's slice of the (d-blocks, b, n, l) partial sums of dB and dC
