@@ -184,8 +184,9 @@ def test_matches_mamba_ssm():
 
 
 def model_layout(inputs):
-    """u and z as M4V's Mamba mixer passes them: the two channel halves of in_proj's (b, l, 2d)
-    output, transposed to (b, d, l): strided views, not dense tensors."""
+    """u and z as a mixer that applies in_proj as nn.Linear would pass them (M4V's did, before it
+    applied the projections weight-first): the two channel halves of a (b, l, 2d) output,
+    transposed to (b, d, l): strided views, not dense tensors."""
     xz = torch.cat([inputs["u"], inputs["z"]], 1).transpose(1, 2).contiguous().transpose(1, 2)
     u, z = xz.chunk(2, 1)
     assert not z.is_contiguous()
@@ -220,12 +221,13 @@ for R, W in ((32, 8), (32, 1), (16, 16), (64, 4)):
     want = x.double().sum(0)[torch.arange(R) // (R // W)]
     assert (sums.double() - want).abs().max() < 1e-5, (R, W)
     assert torch.equal(tile, x), (R, W)
-inputs = model_layout(make_inputs(1, 6, 4, 37, torch.float32, seed=3, device="cpu"))
-# a saved state every other forward tile; then forward tiles longer than the backward's
-for tiles in (ScanKernelConfig(fwd_block_l=4, fwd_block_d=4, fwd_programs_per_sm=2,
-                               bwd_block_l=8, bwd_block_d=8, bwd_programs_per_sm=2),
-              ScanKernelConfig(fwd_block_l=8, fwd_block_d=8, fwd_programs_per_sm=2,
-                               bwd_block_l=4, bwd_block_d=4, bwd_programs_per_sm=2)):
+# a saved state every other forward tile; then forward tiles longer than the backward's, and a
+# state size that is not a power of two (the state buffers' vectors padded)
+for n, tiles in ((4, ScanKernelConfig(fwd_block_l=4, fwd_block_d=4, fwd_programs_per_sm=2,
+                                      bwd_block_l=8, bwd_block_d=8, bwd_programs_per_sm=2)),
+                 (3, ScanKernelConfig(fwd_block_l=8, fwd_block_d=8, fwd_programs_per_sm=2,
+                                      bwd_block_l=4, bwd_block_d=4, bwd_programs_per_sm=2))):
+    inputs = model_layout(make_inputs(1, 6, n, 37, torch.float32, seed=3, device="cpu"))
     check_against_loop(inputs, True, 2e-4, config=tiles)
 """
 

@@ -26,7 +26,7 @@ so that the GPU is full and no more. Loads are bf16/fp16/fp32, maths is fp32; so
 ``D * u`` and the ``silu(z)`` gate are fused.
 
 Backward: with a gradient to come, the forward saves the state entering every tile of the
-backward, ``(b, tiles, n, d)`` float32 (8 bytes per input element at 8-step tiles and n = 16).
+backward, float32 (8 bytes per input element at 8-step tiles and n = 16).
 The adjoint ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` runs backwards in time, with the same three
 steps mirrored: ``_bwd_chunk_adjoint_kernel`` summarises every chunk but the first (the adjoint it
 sends to the chunk before, ``a_{t0} g_{t0}``, from a zero start), each program folds the chunks
@@ -62,6 +62,7 @@ from torch import Tensor
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_STATE = 64  # the state loop is unrolled at compile time
+STATE_BLOCK = tl.constexpr(32)  # channels per block of the state buffers' layout (_state_start)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ class ScanKernelConfig:
     column's sum in ``_column_sums``); ``*_programs_per_sm``: the sequence is cut into as many
     chunks as it takes to give every streaming multiprocessor about this many programs (fewer
     chunks when the batch and the channels already do). Defaults: the fastest of a sweep on an
-    H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``,
-    reports/benchmarks/scan_gpu.json).
+    H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``), run before
+    the state buffers took their present layout and not run again since.
     """
 
     fwd_block_l: int = 4
@@ -264,15 +265,53 @@ def _zeros_state(rows, N: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(pid_d, pid_b, dim, length, bc_len, N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _program_tile(pid_d, pid_b, dim, length, n_tiles, N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_L: tl.constexpr):
     """What every kernel knows of its program: its channels ``rows`` (BLOCK_D,) and which exist,
     the tile's columns (BLOCK_L,), the offset of each row in (b, d, l) inputs and of the batch row
-    in the (b, n, l) B and C."""
+    in the (b, tiles, n, BLOCK_L) copies of B and C."""
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_L)
     return (rows, rows < dim, cols, (pid_b * dim + rows).to(tl.int64) * length,
-            pid_b.to(tl.int64) * N * bc_len)
+            pid_b.to(tl.int64) * n_tiles * (N * BLOCK_L))
+
+
+@triton.jit
+def _bc_tile(ptr, bc_base, tile, n, cols, N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """B or C (BLOCK_L,) of state n at ``tile``, from its (b, tiles, n, BLOCK_L) float32 copy:
+    each state at a constant offset from the tile's start, so the compiler keeps no pointer per
+    state across the tile loop (it did, in registers it then spilled)."""
+    return tl.load(ptr + bc_base + tile * (N * BLOCK_L) + n * BLOCK_L + cols)
+
+
+@triton.jit
+def _state_start(ptr, at, dim, rows, N: tl.constexpr):
+    """Where component 0 of each row's state ``at`` lies in a state buffer laid out
+    (..., blocks, n, STATE_BLOCK): a warp's channels side by side (coalesced) and component n at
+    the constant offset n STATE_BLOCK. Stored (n, d), the compiler kept a pointer per component
+    across the tile loop, in registers it then spilled; stored (d, n), a warp's accesses were
+    64 bytes apart."""
+    blocks = (dim + STATE_BLOCK - 1) // STATE_BLOCK
+    return (ptr + (at.to(tl.int64) * blocks + rows // STATE_BLOCK) * (N * STATE_BLOCK)
+            + rows % STATE_BLOCK)
+
+
+@triton.jit
+def _load_state(ptr, at, dim, rows, row_ok, N: tl.constexpr):
+    """State ``at`` of a state buffer (see ``_state_start``) as a tuple of n vectors (BLOCK_D,)."""
+    start = _state_start(ptr, at, dim, rows, N)
+    hs = ()
+    for n in tl.static_range(N):
+        hs += (tl.load(start + n * STATE_BLOCK, mask=row_ok, other=0.0),)
+    return hs
+
+
+@triton.jit
+def _store_state(ptr, at, hs, dim, rows, row_ok, N: tl.constexpr):
+    """The n vectors (BLOCK_D,) of hs into state ``at`` of a state buffer."""
+    start = _state_start(ptr, at, dim, rows, N)
+    for n in tl.static_range(N):
+        tl.store(start + n * STATE_BLOCK, hs[n], mask=row_ok)
 
 
 @triton.jit
@@ -281,22 +320,14 @@ def _fold_chunks(carry, A2, dtsum_ptr, local_ptr, pid_b, n_chunks, dim, rows, ro
     """carry <- exp(A S_j) carry + local_j for chunks j = first, first + step, ... (count of
     them): the chunk summaries (S_j the sum of chunk j's steps) applied in scan order."""
     for i in range(0, count):
-        j = first + i * step
-        at = (pid_b * n_chunks + j).to(tl.int64)
-        s = tl.load(dtsum_ptr + at * dim + rows, mask=row_ok, other=0.0)
+        at = pid_b * n_chunks + first + i * step
+        s = tl.load(dtsum_ptr + at.to(tl.int64) * dim + rows, mask=row_ok, other=0.0)
+        loc = _load_state(local_ptr, at, dim, rows, row_ok, N)
         new = ()
         for n in tl.static_range(N):
-            loc = tl.load(local_ptr + (at * N + n) * dim + rows, mask=row_ok, other=0.0)
-            new += (tl.exp2(A2[n] * s) * carry[n] + loc,)
+            new += (tl.exp2(A2[n] * s) * carry[n] + loc[n],)
         carry = new
     return carry
-
-
-@triton.jit
-def _store_state(ptr, at, hs, dim, rows, row_ok, N: tl.constexpr):
-    """hs into ``ptr[at, n, rows]`` of a (..., n, d) float32 buffer."""
-    for n in tl.static_range(N):
-        tl.store(ptr + (at.to(tl.int64) * N + n) * dim + rows, hs[n], mask=row_ok)
 
 
 @triton.jit
@@ -344,21 +375,22 @@ _RUNTIME_INTS = ["batch", "chunk_tiles", "n_tiles", "n_chunks"]
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _fwd_chunk_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, dtsum_ptr,
-    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
+    batch, dim, length, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Chunk ``pid_c`` (all but the last) from a zero state: its end state and sum of steps."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, row_ok, cols, row_base, bc_base = _program_tile(
-        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
+        pid_d, pid_b, dim, length, n_tiles, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
 
     hs = _zeros_state(rows, N)
     dtsum = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, chunk_tiles):
-        steps = (pid_c * chunk_tiles + i) * BLOCK_L + cols
+        tile = pid_c * chunk_tiles + i
+        steps = tile * BLOCK_L + cols
         mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
@@ -367,7 +399,7 @@ def _fwd_chunk_state_kernel(
         new = ()
         for n in tl.static_range(N):
             # a scan, not a reduction: Triton's cross-lane reductions may reorder the steps
-            Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
+            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, N, BLOCK_L)
             h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             new += (_columns(h)[BLOCK_L - 1],)
         hs = new
@@ -378,14 +410,14 @@ def _fwd_chunk_state_kernel(
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, last_ptr, states_ptr, hloc_ptr, dtsum_ptr,
-    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
+    batch, dim, length, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, row_ok, cols, row_base, bc_base = _program_tile(
-        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
+        pid_d, pid_b, dim, length, n_tiles, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
     Dv = _row_vector(D_ptr, rows, row_ok, HAS_D)
@@ -410,8 +442,8 @@ def _scan_fwd_kernel(
         new = ()
         for n in tl.static_range(N):
             # B, C: fp32, zero-padded to whole tiles (no masks, no conversions)
-            Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)
-            Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
+            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, N, BLOCK_L)
+            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, N, BLOCK_L)
             h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             y += h * Cn[None, :]
             new += (_columns(h)[BLOCK_L - 1],)
@@ -431,7 +463,7 @@ def _scan_fwd_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _bwd_chunk_adjoint_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, qloc_ptr, dtsum_ptr,
-    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
+    batch, dim, length, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
@@ -440,7 +472,7 @@ def _bwd_chunk_adjoint_kernel(
     Backwards, q_{t-1} = a_t (C_t dy_t + q_t): one exp per step, like the forward."""
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1) + 1, tl.program_id(2)
     rows, row_ok, cols, row_base, bc_base = _program_tile(
-        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
+        pid_d, pid_b, dim, length, n_tiles, N, BLOCK_D, BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
 
@@ -449,7 +481,8 @@ def _bwd_chunk_adjoint_kernel(
     first_tile = pid_c * chunk_tiles
     tiles = tl.minimum(chunk_tiles, n_tiles - first_tile)
     for i in range(0, tiles):
-        steps = (first_tile + tiles - 1 - i) * BLOCK_L + cols
+        tile = first_tile + tiles - 1 - i
+        steps = tile * BLOCK_L + cols
         mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
@@ -457,7 +490,7 @@ def _bwd_chunk_adjoint_kernel(
         dtsum += tl.sum(dt, axis=1)
         new = ()
         for n in tl.static_range(N):
-            Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)
+            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, N, BLOCK_L)
             _, q = _adjoint_scan(tl.exp2(dt * A2[n][:, None]), dy * Cn[None, :], qs[n])
             new += (q,)
         qs = new
@@ -469,17 +502,17 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     dout_ptr, dlast_ptr, states_ptr, qloc_ptr, dtsum_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    batch, dim, length, bc_len, chunk_tiles, n_tiles, n_chunks,
+    batch, dim, length, chunk_tiles, n_tiles, n_chunks,
     N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr,
 ):
     pid_d, pid_c, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, row_ok, cols, row_base, bc_base = _program_tile(
-        pid_d, pid_b, dim, length, bc_len, N, BLOCK_D, BLOCK_L)
+        pid_d, pid_b, dim, length, n_tiles, N, BLOCK_D, BLOCK_L)
     rows_rel = tl.arange(0, BLOCK_D)
-    # this program's slice of the (d-blocks, b, n, l) partial sums of dB and dC
-    part_base = (pid_d * batch + pid_b).to(tl.int64) * N * length
+    # this program's slice of the (d-blocks, b, tiles, n, BLOCK_L) partial sums of dB and dC
+    part_base = (pid_d * batch + pid_b).to(tl.int64) * n_tiles * (N * BLOCK_L)
     A2 = _scaled_A(A_ptr, rows, row_ok, N)
     bias = _row_vector(bias_ptr, rows, row_ok, HAS_BIAS)
     Dv = _row_vector(D_ptr, rows, row_ok, HAS_D)
@@ -488,10 +521,7 @@ def _scan_bwd_kernel(
     # gradient through the summaries of every later chunk
     qs = _zeros_state(rows, N)
     if HAS_DLAST:
-        qs = ()
-        for n in tl.static_range(N):
-            qs += (tl.load(dlast_ptr + (pid_b * dim + rows).to(tl.int64) * N + n, mask=row_ok,
-                           other=0.0).to(tl.float32),)
+        qs = _load_state(dlast_ptr, pid_b, dim, rows, row_ok, N)
     qs = _fold_chunks(qs, A2, dtsum_ptr, qloc_ptr, pid_b, n_chunks, dim, rows, row_ok,
                       n_chunks - 1, n_chunks - 1 - pid_c, -1, N)
     dA_acc = _zeros_state(rows, N)
@@ -505,28 +535,29 @@ def _scan_bwd_kernel(
         steps = tile * BLOCK_L + cols
         mask = row_ok[:, None] & (steps < length)[None, :]
         offs = row_base[:, None] + steps[None, :]
-        # where the scattered sums over the tile's channels go: see _column_sums
-        sum_steps = tile * BLOCK_L + rows_rel // (BLOCK_D // BLOCK_L)
-        sum_ok = (rows_rel % (BLOCK_D // BLOCK_L) == 0) & (sum_steps < length)
+        # where the scattered sums over the tile's channels go (see _column_sums): the tile's
+        # block of the partial sums, each state's row of steps at a constant offset
+        sum_at = part_base + tile * (N * BLOCK_L) + rows_rel // (BLOCK_D // BLOCK_L)
+        sum_ok = rows_rel % (BLOCK_D // BLOCK_L) == 0
+        # the forward's state entering the tile, loaded first: it comes from DRAM
+        h0s = _load_state(states_ptr, pid_b * n_tiles + tile, dim, rows, row_ok, N)
 
         dt = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _, _, dy = _load_dy(dout_ptr, z_ptr, offs, mask, HAS_Z)
 
-        st_base = (pid_b * n_tiles + tile).to(tl.int64) * N
         y = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
         gB = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)  # sum_n g B
         gAh = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)  # sum_n A g a h_{t-1}
         new_qs = ()
         new_dA = ()
         for n in tl.static_range(N):
-            Bn = tl.load(B_ptr + bc_base + n * bc_len + steps)[None, :]
-            Cn = tl.load(C_ptr + bc_base + n * bc_len + steps)[None, :]
-            h0 = tl.load(states_ptr + (st_base + n) * dim + rows, mask=row_ok, other=0.0)
+            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, N, BLOCK_L)[None, :]
+            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, N, BLOCK_L)[None, :]
             # forward states inside the tile
             a = tl.exp2(dt * A2[n][:, None])
             x = dtu * Bn
-            h = _carried_scan(a, x, h0)
+            h = _carried_scan(a, x, h0s[n])
             if HAS_Z:
                 y += h * Cn
             # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, from the tile after through q
@@ -537,10 +568,8 @@ def _scan_bwd_kernel(
             gAh += gah * (A2[n] * LN2)[:, None]
             new_dA += (dA_acc[n] + tl.sum(gah * dt, axis=1),)
             gB += g * Bn
-            tl.store(dB_ptr + part_base + n * length + sum_steps, _column_sums(g * dtu),
-                     mask=sum_ok)
-            tl.store(dC_ptr + part_base + n * length + sum_steps, _column_sums(h * dy),
-                     mask=sum_ok)
+            tl.store(dB_ptr + sum_at + n * BLOCK_L, _column_sums(g * dtu), mask=sum_ok)
+            tl.store(dC_ptr + sum_at + n * BLOCK_L, _column_sums(h * dy), mask=sum_ok)
         qs = new_qs
         dA_acc = new_dA
 
@@ -568,7 +597,7 @@ def _scan_bwd_kernel(
         tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
-    # this chunk's partial sums of the parameter gradients: (chunks, b, n, d) and (chunks, b, d)
+    # this chunk's partial sums of the parameter gradients: states at (chunk, b), and (chunks, b, d)
     at = pid_c * batch + pid_b
     _store_state(dA_ptr, at, dA_acc, dim, rows, row_ok, N)
     if HAS_D:
@@ -617,12 +646,34 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
     return b, d, length, n
 
 
-def _padded_f32(t: Tensor, length: int) -> Tensor:
-    """(b, n, l) -> (b, n, length) float32, zero beyond l: the kernels read whole tiles of B and
-    C unmasked and unconverted (B, C are d times smaller than u, so this copy is cheap)."""
-    out = t.new_zeros(*t.shape[:-1], length, dtype=torch.float32)
-    out[..., : t.shape[-1]] = t
-    return out
+def _tiled_f32(t: Tensor, n_tiles: int, block_l: int) -> Tensor:
+    """(b, n, l) -> (b, tiles, n, block_l) float32, zero past l: the kernels read whole tiles of
+    B and C unmasked and unconverted, every state of a tile at a constant offset from its start
+    (B, C are d times smaller than u, so this copy is cheap)."""
+    b, n, length = t.shape
+    padded = torch.nn.functional.pad(t.float(), (0, n_tiles * block_l - length))
+    return padded.view(b, n, n_tiles, block_l).transpose(1, 2).contiguous()
+
+
+def _state_buffer(*lead: int, d: int, n: int, device) -> Tensor:
+    """Uninitialised float32 states (*lead, d, n) in the kernels' layout, (*lead, blocks, n,
+    STATE_BLOCK) (see ``_state_start``)."""
+    sb = STATE_BLOCK.value
+    return torch.empty(*lead, triton.cdiv(d, sb), n, sb, device=device, dtype=torch.float32)
+
+
+def _states_to_dn(buf: Tensor, d: int) -> Tensor:
+    """A state buffer (*lead, blocks, n, STATE_BLOCK) as (*lead, d, n), dense."""
+    *lead, blocks, n, sb = buf.shape
+    return buf.transpose(-1, -2).reshape(*lead, blocks * sb, n)[..., :d, :].contiguous()
+
+
+def _states_from_dn(t: Tensor) -> Tensor:
+    """States (*lead, d, n) as a float32 state buffer (the inverse of ``_states_to_dn``)."""
+    *lead, d, n = t.shape
+    sb = STATE_BLOCK.value
+    padded = torch.nn.functional.pad(t.float(), (0, 0, 0, triton.cdiv(d, sb) * sb - d))
+    return padded.reshape(*lead, -1, sb, n).transpose(-1, -2).contiguous()
 
 
 def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
@@ -646,7 +697,7 @@ def _chunking(u: Tensor, block_l: int, block_d: int, programs_per_sm: int
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states,
                  config: ScanKernelConfig = DEFAULT_CONFIG):
     """Launch the forward kernels. Returns (out (b, d, l) in u's dtype, last_state (b, d, n) fp32,
-    states (b, tiles, n, d) fp32 or None)."""
+    the states entering the backward's tiles (a state buffer, see ``_state_buffer``) or None)."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A = (t.contiguous() for t in (u, delta, A))
     block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=False)
@@ -655,16 +706,15 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
         block_l = min(block_l, config.bwd_block_l)
         save_every = config.bwd_block_l // block_l
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
-    bc_len = n_tiles * block_l
-    B, C = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
+    B, C = _tiled_f32(B, n_tiles, block_l), _tiled_f32(C, n_tiles, block_l)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    last = torch.empty(b, n, d, **f32)
-    states = (torch.empty(b, triton.cdiv(n_tiles, save_every), n, d, **f32) if save_states
-              else last)
-    hloc = torch.empty(b, n_chunks, n, d, **f32)
+    last = _state_buffer(b, d=d, n=n, device=u.device)
+    states = (_state_buffer(b, triton.cdiv(n_tiles, save_every), d=d, n=n, device=u.device)
+              if save_states else last)
+    hloc = _state_buffer(b, n_chunks, d=d, n=n, device=u.device)
     dtsum = torch.empty(b, n_chunks, d, **f32)
-    sizes = (b, d, length, bc_len, per_chunk, n_tiles, n_chunks)
+    sizes = (b, d, length, per_chunk, n_tiles, n_chunks)
     common = dict(N=n, BLOCK_D=block_d, BLOCK_L=block_l, HAS_BIAS=delta_bias is not None,
                   SOFTPLUS=bool(delta_softplus), num_warps=warps, maxnreg=maxnreg)
     bias = _optional(delta_bias, u)
@@ -676,8 +726,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
         out, last, states, hloc, dtsum, *sizes,
         HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states,
         SAVE_EVERY=save_every, **common)
-    # the kernels write every state as (n, d) rows: the last one is handed out as (b, d, n)
-    return out, last.transpose(1, 2), (states if save_states else None)
+    return out, _states_to_dn(last, d), (states if save_states else None)
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, dout, dlast,
@@ -688,25 +737,24 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     u, delta, A, dout = (t.contiguous() for t in (u, delta, A, dout))
     block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=True)
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
-    bc_len = n_tiles * block_l
-    B32, C32 = _padded_f32(B, bc_len), _padded_f32(C, bc_len)
+    B32, C32 = _tiled_f32(B, n_tiles, block_l), _tiled_f32(C, n_tiles, block_l)
     if states.shape[1] != n_tiles:
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
     f32 = dict(device=u.device, dtype=torch.float32)
     # The kernel writes row-major (b, d, l). empty_like would copy a non-dense input's stride
-    # order (the model's z is a transposed half of in_proj's output), scrambling dz.
+    # order (say z is a transposed half of a (b, l, 2d) projection), scrambling dz.
     dense = dict(memory_format=torch.contiguous_format)
     du = torch.empty_like(u, **dense)
     ddelta = torch.empty_like(delta, **dense)
     dz = torch.empty_like(z, **dense) if z is not None else None
-    qloc = torch.empty(b, n_chunks, n, d, **f32)
+    qloc = _state_buffer(b, n_chunks, d=d, n=n, device=u.device)
     dtsum = torch.empty(b, n_chunks, d, **f32)
-    dA_part = torch.empty(n_chunks, b, n, d, **f32)
+    dA_part = _state_buffer(n_chunks, b, d=d, n=n, device=u.device)
     dD_part = torch.empty(n_chunks, b, d, **f32) if D is not None else None
     dbias_part = torch.empty(n_chunks, b, d, **f32) if delta_bias is not None else None
-    dB_part = torch.empty(d_blocks, b, n, length, **f32)
-    dC_part = torch.empty(d_blocks, b, n, length, **f32)
-    sizes = (b, d, length, bc_len, per_chunk, n_tiles, n_chunks)
+    dB_part = torch.empty(d_blocks, b, n_tiles, n, block_l, **f32)
+    dC_part = torch.empty(d_blocks, b, n_tiles, n, block_l, **f32)
+    sizes = (b, d, length, per_chunk, n_tiles, n_chunks)
     common = dict(N=n, BLOCK_D=block_d, BLOCK_L=block_l, HAS_Z=z is not None,
                   HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                   num_warps=warps, maxnreg=maxnreg)
@@ -716,13 +764,14 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
             delta, A, C32, zz, bias, dout, qloc, dtsum, *sizes, **common)
     _scan_bwd_kernel[(d_blocks, n_chunks, b)](
         u, delta, A, B32, C32, _optional(D, u), zz, bias,
-        dout, _optional(dlast, states), states, qloc, dtsum,
+        dout, states if dlast is None else _states_from_dn(dlast), states, qloc, dtsum,
         du, ddelta, _optional(dz, du), dA_part, _optional(dD_part, dA_part),
         _optional(dbias_part, dA_part), dB_part, dC_part, *sizes,
         HAS_D=D is not None, HAS_DLAST=dlast is not None, **common)
-    dA = dA_part.sum((0, 1)).t().to(A.dtype)
-    dB = dB_part.sum(0).to(B.dtype)
-    dC = dC_part.sum(0).to(C.dtype)
+    dA = _states_to_dn(dA_part.sum((0, 1)), d).to(A.dtype)
+    # (b, tiles, n, block_l) -> (b, n, l)
+    dB, dC = (part.sum(0).transpose(1, 2).reshape(b, n, -1)[..., :length].to(t.dtype)
+              for part, t in ((dB_part, B), (dC_part, C)))
     dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
