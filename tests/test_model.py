@@ -10,10 +10,12 @@ from m4v.config import M4VConfig
 from m4v.model import M4V
 from m4v.model.blocks import MMDiMBlock
 from m4v.model.embeddings import ClipLayout, patchify, unpatchify
+from m4v.model.mamba import MambaMixer, weight_first
 from m4v.model.recomposition import SequenceSpec, decompose, recompose, video_scan_index
 from m4v.model.rope import apply_rope, axis_positions, video_positions
 from m4v.model.temporal import TemporalBranch, frame_level_to_video, frame_level_tokens
 from m4v.ops.attention import block_causal_attention, block_causal_mask
+from m4v.ops.scan_reference import selective_scan_reference
 from m4v.ops.zigzag import zigzag_orders
 
 TINY = M4VConfig.preset("tiny")
@@ -196,6 +198,31 @@ def test_text_padding_is_ignored():
 
 
 # ---------------------------------------------------------------- attention, temporal branch, RoPE
+
+
+def test_mixer_matches_the_linear_layer_formulation():
+    """The channels-first mixer (projections applied weight-first) against the same mixer written
+    with nn.Linear on (b, L, d) tensors and the sequential reference scan, in float64."""
+    torch.manual_seed(0)
+    mixer = MambaMixer(12, d_state=4, dt_rank=3, scan_backend="reference").double()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    xx, z = mixer.in_proj(x).chunk(2, dim=-1)
+    xx = F.silu(mixer.conv1d(xx.mT)[..., :9])
+    dt, B, C = mixer.x_proj(xx.mT).split([3, 4, 4], dim=-1)
+    y, _ = selective_scan_reference(xx, F.linear(dt, mixer.dt_proj.weight).mT,
+                                    -torch.exp(mixer.A_log), B.mT, C.mT, mixer.D, z.mT,
+                                    mixer.dt_proj.bias, delta_softplus=True)
+    torch.testing.assert_close(mixer(x), mixer.out_proj(y.mT), rtol=1e-10, atol=1e-12)
+
+
+def test_weight_first_under_autocast_casts_the_weight_once():
+    w, x = torch.randn(5, 3), torch.randn(4, 3, 7)
+    want = torch.einsum("oi,bil->bol", w, x)
+    torch.testing.assert_close(weight_first(w, x), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = weight_first(w, x)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
 
 
 def test_block_causal_attention_matches_dense_mask():

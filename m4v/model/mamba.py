@@ -3,6 +3,11 @@
 in_proj -> (x, z); x: causal depthwise conv1d (k = d_conv) -> SiLU -> x_proj -> (dt, B, C);
 dt_proj(dt) + softplus -> delta; selective scan(x, delta, A, B, C, D) gated by SiLU(z); out_proj.
 Initialisation follows mamba-ssm (S4D-real A, dt log-uniform in [dt_min, dt_max]).
+
+Inside, tensors are channels first, (b, channels, L), the layout of the conv and of the scan; the
+projections are applied weight-first (``W @ x``, as mamba-ssm does), so that every tensor the conv
+and the scan read is dense without a copy. Applied as ``x @ W^T`` (nn.Linear's way), each would
+be a transposed view, and the conv, the scan and their backward passes each made it dense.
 """
 
 from __future__ import annotations
@@ -44,15 +49,27 @@ class MambaMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(b, L, d_model) -> (b, L, d_model)."""
         length = x.shape[1]
-        xz = self.in_proj(x).transpose(1, 2)  # (b, 2 d_inner, L)
-        x, z = xz.chunk(2, dim=1)
+        x, z = weight_first(self.in_proj.weight, x.mT).chunk(2, dim=1)  # (b, d_inner, L) each
         x = F.silu(self.conv1d(x)[..., :length])
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes to the scan, fused
+        dt, B, C = weight_first(self.x_proj.weight, x).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = weight_first(self.dt_proj.weight, dt)  # the bias goes to the scan, fused
         y = selective_scan(
-            x, delta, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            backend=self.scan_backend,
+            x, delta, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
         )
-        return self.out_proj(y.transpose(1, 2))
+        # one copy of the (smaller) d_model-wide output; left a transposed view, its gradient
+        # would reach the scan's backward as one, to be made dense there at d_inner width
+        return weight_first(self.out_proj.weight, y).mT.contiguous()
+
+
+def weight_first(weight: Tensor, x: Tensor) -> Tensor:
+    """A linear map (no bias) on channels-first x: weight (o, i), x (b, i, L) -> (b, o, L), dense.
+
+    One batched product with the weight broadcast over the batch (a stride-0 view). Under
+    autocast the weight is cast before it is broadcast: cast after, it would be copied per batch
+    element."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        weight = weight.to(torch.get_autocast_dtype(device))
+    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
