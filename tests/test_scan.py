@@ -255,7 +255,7 @@ def test_meta_device_gives_shapes_and_dtypes(backend):
 
 
 def test_auto_picks_torch_off_cuda():
-    assert resolve_backend("auto", "cpu") == resolve_backend("auto", "cpu", grad=False) == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("auto", "meta") == "torch"
     assert available_backends("cpu")[:2] == ["torch", "reference"]
 
@@ -386,12 +386,10 @@ def test_gpu_backends_match_reference(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grad, order", [(True, ("mamba_ssm", "triton")),
-                                         (False, ("triton", "mamba_ssm"))])
-def test_auto_prefers_a_fused_kernel_on_cuda(grad, order):
-    expected = next(
-        (b for b in order if backend_unavailable_reason(b, "cuda") is None), "torch")
-    assert resolve_backend("auto", "cuda", grad) == expected
+def test_auto_prefers_a_fused_kernel_on_cuda():
+    expected = next((b for b in ("triton", "mamba_ssm")
+                     if backend_unavailable_reason(b, "cuda") is None), "torch")
+    assert resolve_backend("auto", "cuda") == expected
 
 
 def test_softplus_matches_torch_definition():

@@ -22,10 +22,11 @@ Backends (``backend=``):
 * ``"triton"``: the fused GPU kernel of :mod:`m4v.ops.scan_triton`, CUDA tensors only.
 * ``"mamba_ssm"``: mamba-ssm's CUDA kernel, when it can be imported. Its backward ignores the
   gradient of the last state (only ``out`` is differentiated); the other backends propagate both.
-* ``"auto"``: CUDA tensors: a fused kernel, else torch; any other device: torch. The order is
-  measured on an H200 (reports/benchmarks/scan_gpu.json): when a gradient will be taken,
-  mamba_ssm (its forward+backward is as fast as ours from 16k tokens, 1.3x at 4k), else triton
-  (our no-grad forward is 1.13-1.25x mamba-ssm's at 16k-64k, 0.71x at 4k).
+* ``"auto"``: CUDA tensors: triton, else mamba_ssm, else torch; any other device: torch. The
+  order is measured on an H200 (reports/benchmarks/block_gpu*.json, scan_gpu.json): inside the
+  MM-DiM block, at the model's 12k and 62k tokens, the Triton kernel is the faster one, forward
+  and forward+backward. Alone, at power-of-two lengths, mamba-ssm's forward without gradient is
+  faster, and so is its forward+backward at 4k tokens (README).
 
 FLOPs (:func:`selective_scan_flops`), counting every multiply, add and transcendental as one,
 per state element (b, d, l, n) of the forward recurrence as defined (sequential evaluation):
@@ -150,21 +151,18 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
     return None if reason is None else f"{backend} is not importable: {reason}"
 
 
-def available_backends(device: torch.device | str, grad: bool = True) -> list[str]:
-    """Backends usable for tensors on ``device``, fastest first, for a call that will be
-    differentiated (``grad``) or not: the two fused kernels trade places (module docstring)."""
-    fused = ("mamba_ssm", "triton") if grad else ("triton", "mamba_ssm")
-    order = (*fused, "torch", "reference")
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends usable for tensors on ``device``, fastest first (module docstring)."""
+    order = ("triton", "mamba_ssm", "torch", "reference")
     return [b for b in order if backend_unavailable_reason(b, device) is None]
 
 
-def resolve_backend(backend: str, device: torch.device | str, grad: bool = True) -> str:
-    """The concrete backend ``backend`` means for tensors on ``device`` in a call that will be
-    differentiated (``grad``) or not; raises if unusable."""
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device``; raises if unusable."""
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return available_backends(device, grad)[0]
+        return available_backends(device)[0]
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"selective_scan backend {backend!r} is unavailable: {reason}")
@@ -199,9 +197,7 @@ def selective_scan(
         # Under torch.jit.trace shapes are traced values: checking them is meant to be static.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    name = resolve_backend(backend, u.device, grad)
+    name = resolve_backend(backend, u.device)
     if name in _NEEDS_CUDA:
         fn = _import(name)[0]
         return fn(
