@@ -38,11 +38,13 @@ from m4v.ops.scan_triton import ScanKernelConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR = "mamba_ssm"
 # overrides of the default ScanKernelConfig; each costs a compile, done in parallel processes
-# before timing
+# before timing. Forward programs are one warp each: at the forward's ~80 registers (sm_90 SASS of
+# Triton 3.6, compiled locally) 25 fit on a multiprocessor, so 25 and 50 per SM are whole waves
+# (at d = 3840 the default 32 makes 4,320 programs: a second wave a third full).
 CANDIDATES = [
     {},
-    dict(fwd_programs_per_sm=64, bwd_programs_per_sm=32),
-    dict(fwd_programs_per_sm=16, bwd_programs_per_sm=128),
+    dict(fwd_programs_per_sm=50, bwd_programs_per_sm=32),
+    dict(fwd_programs_per_sm=25, bwd_programs_per_sm=128),
     dict(fwd_block_l=8, fwd_programs_per_sm=64, bwd_block_l=4),
     dict(fwd_block_l=2, bwd_block_l=16, bwd_programs_per_sm=32),
     dict(fwd_block_d=64, fwd_warps=2, bwd_block_d=64, bwd_warps=2),
