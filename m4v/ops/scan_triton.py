@@ -77,7 +77,9 @@ class ScanKernelConfig:
     chunks as it takes to give every streaming multiprocessor about this many programs (fewer
     chunks when the batch and the channels already do). Defaults: the fastest of a sweep on an
     H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``), run before
-    the state buffers took their present layout and not run again since.
+    the state buffers took their present layout. The next sweep (6b40bb4, B and C then laid out
+    by tiles) found ``fwd_block_l=8, fwd_programs_per_sm=64`` the fastest forward there (1.51
+    against 2.05 ms); the present kernels have not been swept.
     """
 
     fwd_block_l: int = 4
@@ -269,7 +271,7 @@ def _program_tile(pid_d, pid_b, dim, length, n_tiles, N: tl.constexpr, BLOCK_D: 
                   BLOCK_L: tl.constexpr):
     """What every kernel knows of its program: its channels ``rows`` (BLOCK_D,) and which exist,
     the tile's columns (BLOCK_L,), the offset of each row in (b, d, l) inputs and of the batch row
-    in the (b, tiles, n, BLOCK_L) copies of B and C."""
+    in the (b, n, tiles x BLOCK_L) copies of B and C."""
     rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_L)
     return (rows, rows < dim, cols, (pid_b * dim + rows).to(tl.int64) * length,
@@ -277,11 +279,12 @@ def _program_tile(pid_d, pid_b, dim, length, n_tiles, N: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _bc_tile(ptr, bc_base, tile, n, cols, N: tl.constexpr, BLOCK_L: tl.constexpr):
-    """B or C (BLOCK_L,) of state n at ``tile``, from its (b, tiles, n, BLOCK_L) float32 copy:
-    each state at a constant offset from the tile's start, so the compiler keeps no pointer per
-    state across the tile loop (it did, in registers it then spilled)."""
-    return tl.load(ptr + bc_base + tile * (N * BLOCK_L) + n * BLOCK_L + cols)
+def _bc_tile(ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L: tl.constexpr):
+    """B or C (BLOCK_L,) of state n at ``tile``, from its (b, n, tiles x BLOCK_L) float32 copy.
+    Copies laid out (b, tiles, n, BLOCK_L), every state at a constant offset from the tile's
+    start, left the backward as fast and made the forward kernel 1.4-1.6x slower (H200, 16k and
+    64k steps), for reasons not established."""
+    return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols)
 
 
 @triton.jit
@@ -399,7 +402,7 @@ def _fwd_chunk_state_kernel(
         new = ()
         for n in tl.static_range(N):
             # a scan, not a reduction: Triton's cross-lane reductions may reorder the steps
-            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, N, BLOCK_L)
+            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L)
             h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             new += (_columns(h)[BLOCK_L - 1],)
         hs = new
@@ -442,8 +445,8 @@ def _scan_fwd_kernel(
         new = ()
         for n in tl.static_range(N):
             # B, C: fp32, zero-padded to whole tiles (no masks, no conversions)
-            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, N, BLOCK_L)
-            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, N, BLOCK_L)
+            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L)
+            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L)
             h = _carried_scan(tl.exp2(dt * A2[n][:, None]), dtu * Bn[None, :], hs[n])
             y += h * Cn[None, :]
             new += (_columns(h)[BLOCK_L - 1],)
@@ -490,7 +493,7 @@ def _bwd_chunk_adjoint_kernel(
         dtsum += tl.sum(dt, axis=1)
         new = ()
         for n in tl.static_range(N):
-            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, N, BLOCK_L)
+            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L)
             _, q = _adjoint_scan(tl.exp2(dt * A2[n][:, None]), dy * Cn[None, :], qs[n])
             new += (q,)
         qs = new
@@ -552,8 +555,8 @@ def _scan_bwd_kernel(
         new_qs = ()
         new_dA = ()
         for n in tl.static_range(N):
-            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, N, BLOCK_L)[None, :]
-            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, N, BLOCK_L)[None, :]
+            Bn = _bc_tile(B_ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L)[None, :]
+            Cn = _bc_tile(C_ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L)[None, :]
             # forward states inside the tile
             a = tl.exp2(dt * A2[n][:, None])
             x = dtu * Bn
@@ -646,13 +649,10 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
     return b, d, length, n
 
 
-def _tiled_f32(t: Tensor, n_tiles: int, block_l: int) -> Tensor:
-    """(b, n, l) -> (b, tiles, n, block_l) float32, zero past l: the kernels read whole tiles of
-    B and C unmasked and unconverted, every state of a tile at a constant offset from its start
-    (B, C are d times smaller than u, so this copy is cheap)."""
-    b, n, length = t.shape
-    padded = torch.nn.functional.pad(t.float(), (0, n_tiles * block_l - length))
-    return padded.view(b, n, n_tiles, block_l).transpose(1, 2).contiguous()
+def _padded_f32(t: Tensor, n_tiles: int, block_l: int) -> Tensor:
+    """(b, n, l) -> (b, n, tiles x block_l) float32, zero past l: the kernels read whole tiles of
+    B and C unmasked and unconverted (B, C are d times smaller than u, so this copy is cheap)."""
+    return torch.nn.functional.pad(t.float(), (0, n_tiles * block_l - t.shape[-1]))
 
 
 def _state_buffer(*lead: int, d: int, n: int, device) -> Tensor:
@@ -706,7 +706,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
         block_l = min(block_l, config.bwd_block_l)
         save_every = config.bwd_block_l // block_l
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
-    B, C = _tiled_f32(B, n_tiles, block_l), _tiled_f32(C, n_tiles, block_l)
+    B, C = _padded_f32(B, n_tiles, block_l), _padded_f32(C, n_tiles, block_l)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = _state_buffer(b, d=d, n=n, device=u.device)
@@ -737,7 +737,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     u, delta, A, dout = (t.contiguous() for t in (u, delta, A, dout))
     block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=True)
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
-    B32, C32 = _tiled_f32(B, n_tiles, block_l), _tiled_f32(C, n_tiles, block_l)
+    B32, C32 = _padded_f32(B, n_tiles, block_l), _padded_f32(C, n_tiles, block_l)
     if states.shape[1] != n_tiles:
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
     f32 = dict(device=u.device, dtype=torch.float32)
