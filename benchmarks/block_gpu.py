@@ -11,8 +11,9 @@ weights and activations, batch 1. Two token layouts, both named in the output:
 
 For the MM-DiM block it also times, on the same shapes, (a) re-composition + its inverse
 (``recompose`` + ``decompose``: text padding/orders, registers, zigzag gather and inverse) and
-(b) the selective scan alone and (c) the depthwise conv1d alone, and reports each as a share of
-the block's time, in wall time (CUDA events) and in GPU-busy time (profiler: summed kernel time,
+(b) the selective scan alone and (c) the causal conv1d + SiLU alone (the mixer's fused op and, as
+its anchor, cuDNN's conv + crop + SiLU), and reports each as a share of the block's time, in wall
+time (CUDA events) and in GPU-busy time (profiler: summed kernel time,
 without launch gaps). The MM-DiM block's top kernels (forward+backward) are listed too. Forward and
 forward+backward (gradients of inputs and weights), CUDA events, median of ``--repeats`` after
 ``--warmup``. ``--baseline-recomposition FILE`` also times another implementation of the
@@ -49,6 +50,7 @@ from harness.profile import (
 )
 from m4v.config import M4VConfig
 from m4v.model import recomposition
+from m4v.ops.causal_conv import causal_conv1d_silu
 from m4v.ops.scan import resolve_backend, selective_scan
 
 MODES = ("fwd", "fwdbwd")
@@ -144,8 +146,9 @@ def mixer_case(block_case_: Case, layout, device, dtype) -> Case:
     return Case("mixer", _Mix(block_case_.module, layout, rope, mask), (x,), {}, (x,))
 
 
-def conv_case(block, layout, device, dtype):
-    """Closures timing the Mamba mixer's depthwise causal conv1d alone (PyTorch / cuDNN)."""
+def conv_case(block, layout, device, dtype, backend: str):
+    """Closures timing the Mamba mixer's causal conv1d + SiLU alone, on ``backend`` ("auto": the
+    mixer's own, the fused Triton kernels on CUDA; "torch": cuDNN's conv, cropped, then SiLU)."""
     from harness.flops import scan_length
 
     conv = block.mixer.conv1d
@@ -153,12 +156,15 @@ def conv_case(block, layout, device, dtype):
     x = torch.randn(1, conv.in_channels, scan_length(block.cfg, layout), device=device,
                     dtype=dtype, generator=g)
 
+    def op(t):
+        return causal_conv1d_silu(t, conv.weight[:, 0], conv.bias, backend=backend)
+
     def fwd():
         with torch.no_grad():
-            return conv(x)
+            return op(x)
 
     leaf = x.detach().requires_grad_(True)
-    return fwd, forward_backward(lambda: conv(leaf), [leaf], list(conv.parameters()))
+    return fwd, forward_backward(lambda: op(leaf), [leaf], list(conv.parameters()))
 
 
 def top_kernels(fn, device, iters: int = 2, k: int = 15) -> list[dict]:
@@ -234,8 +240,9 @@ def measure_layout(layout, mamba_cfg, attn_cfg, baseline, device, dtype, warmup,
         return {"length": length, **timed(fwd, fwdbwd, device, warmup, repeats)}
 
     attempt(res, "scan", scan)
-    attempt(res, "conv1d", lambda: timed(*conv_case(block.module, layout, device, dtype), device,
-                                         warmup, repeats))
+    for key, backend in (("conv1d", "auto"), ("conv1d_cudnn", "torch")):
+        attempt(res, key, lambda b=backend: timed(
+            *conv_case(block.module, layout, device, dtype, b), device, warmup, repeats))
     if device.type == "cuda":
         for t in block.grad_inputs:
             t.requires_grad_(True)
@@ -304,9 +311,11 @@ def table(out: dict) -> str:
                 f"{fmt(ms(res, 'recomposition_baseline', mode)):>12}")
     for name, res in out["layouts"].items():
         s = res["summary"]
-        lines.append(f"{name}: conv1d fwd {fmt(ms(res, 'conv1d', 'fwd'))} ms "
-                     f"({pct(s['fwd']['conv1d_share'])}), fwd+bwd "
-                     f"{fmt(ms(res, 'conv1d', 'fwdbwd'))} ms ({pct(s['fwdbwd']['conv1d_share'])}); "
+        lines.append(f"{name}: conv1d+SiLU fwd {fmt(ms(res, 'conv1d', 'fwd'))} ms "
+                     f"({pct(s['fwd']['conv1d_share'])}; cuDNN "
+                     f"{fmt(ms(res, 'conv1d_cudnn', 'fwd'))}), fwd+bwd "
+                     f"{fmt(ms(res, 'conv1d', 'fwdbwd'))} ms ({pct(s['fwdbwd']['conv1d_share'])}; "
+                     f"cuDNN {fmt(ms(res, 'conv1d_cudnn', 'fwdbwd'))}); "
                      f"MM-DiM GPU-busy fwd {fmt(ms(res, 'mmdim_block', 'fwd', 'gpu_busy_ms'))} / "
                      f"fwd+bwd {fmt(ms(res, 'mmdim_block', 'fwdbwd', 'gpu_busy_ms'))} ms")
         kernels = res.get("mmdim_block_fwdbwd_kernels")

@@ -1,6 +1,7 @@
 """The Mamba-1 mixer of an MM-DiM block (selective SSM, Gu & Dao 2023), unidirectional.
 
-in_proj -> (x, z); x: causal depthwise conv1d (k = d_conv) -> SiLU -> x_proj -> (dt, B, C);
+in_proj -> (x, z); x: causal depthwise conv1d (k = d_conv) -> SiLU, one fused op
+(:func:`m4v.ops.causal_conv1d_silu`, Triton kernels on CUDA) -> x_proj -> (dt, B, C);
 dt_proj(dt) + softplus -> delta; selective scan(x, delta, A, B, C, D) gated by SiLU(z); out_proj.
 Initialisation follows mamba-ssm (S4D-real A, dt log-uniform in [dt_min, dt_max]).
 
@@ -15,9 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m4v.ops.causal_conv import causal_conv1d_silu
 from m4v.ops.scan import selective_scan
 
 
@@ -30,7 +31,10 @@ class MambaMixer(nn.Module):
         self.d_state = d_state
         self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
         self.scan_backend = scan_backend
+        self.conv_backend = "auto"  # causal_conv1d_silu's; "torch" runs cuDNN's conv
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        # the conv runs through causal_conv1d_silu; the module holds its parameters, under the
+        # names checkpoints know (conv1d.weight (d_inner, 1, d_conv), conv1d.bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
                                 padding=d_conv - 1)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
@@ -48,9 +52,9 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(b, L, d_model) -> (b, L, d_model)."""
-        length = x.shape[1]
         x, z = weight_first(self.in_proj.weight, x.mT).chunk(2, dim=1)  # (b, d_inner, L) each
-        x = F.silu(self.conv1d(x)[..., :length])
+        x = causal_conv1d_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias,
+                               backend=self.conv_backend)
         dt, B, C = weight_first(self.x_proj.weight, x).split(
             [self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = weight_first(self.dt_proj.weight, dt)  # the bias goes to the scan, fused
