@@ -13,7 +13,12 @@ from m4v.model.embeddings import ClipLayout, patchify, unpatchify
 from m4v.model.mamba import MambaMixer, weight_first
 from m4v.model.recomposition import SequenceSpec, decompose, recompose, video_scan_index
 from m4v.model.rope import apply_rope, axis_positions, video_positions
-from m4v.model.temporal import TemporalBranch, frame_level_to_video, frame_level_tokens
+from m4v.model.temporal import (
+    TemporalBranch,
+    few_token_attention,
+    frame_level_to_video,
+    frame_level_tokens,
+)
 from m4v.ops.attention import block_causal_attention, block_causal_mask
 from m4v.ops.scan_reference import selective_scan_reference
 from m4v.ops.zigzag import zigzag_orders
@@ -255,6 +260,19 @@ def test_temporal_tokens_split_and_merge():
     # history tokens are the 2x2 average pool of their frame
     f1 = x[:, 4:20].reshape(2, 4, 4, 3).permute(0, 3, 1, 2)
     assert torch.allclose(tokens[:, 1], F.avg_pool2d(f1, 2).reshape(2, 12))
+
+
+def test_few_token_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 96, generator=g, dtype=torch.float64) for _ in range(3))
+    owner = torch.tensor([0, 1, 2, 2, 2])  # the last frame split into three tokens
+    mask = owner[None, :] <= owner[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(few_token_attention(q, k, v, mask), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside, v's dtype out
+        out = few_token_attention(*(t.float() for t in (q, k, v)), mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_temporal_branch_is_causal():

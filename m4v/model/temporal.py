@@ -14,6 +14,8 @@ Projections act per position (d -> c and c -> d), so the branch works at any res
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,6 +78,24 @@ def frame_level_to_video(y: Tensor, layout: ClipLayout, grid: tuple[int, int], c
     return torch.cat(out, dim=1)
 
 
+def few_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention written as two matrix products, in float32 at least: q, k, v
+    (b, h, n, s), mask (n, n) True where a query may see a key -> (b, h, n, s) in v's dtype.
+
+    The branch has a few tokens (one per frame) with very long heads (s = c x grid cells, 30,720
+    at 768p); the fused attention kernels are not made for such heads: on an H200 PyTorch's
+    memory-efficient kernel took 6.9 ms for this backward in the 768p MM-DiM block, where these
+    products move a few megabytes. float32 (autocast off) because a score sums s products: in
+    bfloat16 its rounding alone would shift the softmax's logits by ~0.4%."""
+    device = q.device.type
+    with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+          else contextlib.nullcontext()):
+        wide = torch.promote_types(v.dtype, torch.float32)
+        scores = (q.to(wide) @ k.to(wide).mT) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return (weights @ v.to(wide)).to(v.dtype)
+
+
 class TemporalBranch(nn.Module):
     def __init__(self, hidden: int, dim: int, heads: int = 1):
         super().__init__()
@@ -97,6 +117,6 @@ class TemporalBranch(nn.Module):
         b, n, s = q.shape
         # Heads split the channel axis: each head sees c/heads channels over the whole grid.
         split = lambda t: t.reshape(b, n, self.heads, s // self.heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        y = few_token_attention(split(q), split(k), split(v), mask)
         y = y.transpose(1, 2).reshape(b, n, s)
         return self.proj(frame_level_to_video(y, layout, grid, self.dim))
