@@ -283,7 +283,9 @@ def _bc_tile(ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L: tl.constexpr):
     """B or C (BLOCK_L,) of state n at ``tile``, from its (b, n, tiles x BLOCK_L) float32 copy.
     Copies laid out (b, tiles, n, BLOCK_L), every state at a constant offset from the tile's
     start, left the backward as fast and made the forward kernel 1.4-1.6x slower (H200, 16k and
-    64k steps), for reasons not established."""
+    64k steps). In the sm_90 code (Triton 3.6) of that forward, ptxas issued each state's loads
+    right before their use, at 80 registers; with this layout it issues several ahead, at 186:
+    the forward waits on these loads more than it gains from occupancy."""
     return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols)
 
 
