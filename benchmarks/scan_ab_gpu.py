@@ -25,8 +25,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cuda_time  # noqa: E402
+
+from harness.profile import cuda_kernel_events  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCAN_FILE = "m4v/ops/scan_triton.py"
@@ -73,18 +76,13 @@ def compile_variant(name: str, path: Path, programs_per_sm: list[int]) -> None:
     torch.cuda.synchronize()
 
 
-def kernel_ms(fn, repeats: int = 5) -> dict[str, float]:
+def kernel_ms(fn, iters: int = 5) -> dict[str, float]:
     """GPU time per call of each kernel that ``fn`` launches (profiler, summed over launches)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:60]: e.self_device_time_total / repeats / 1000 for e in prof.key_averages()
-            if e.self_device_time_total > 0}
+    per_name: dict[str, float] = {}
+    for e in cuda_kernel_events(fn, torch.device("cuda"), iters):
+        name = e.name[:60]
+        per_name[name] = per_name.get(name, 0.0) + e.time_range.elapsed_us() / iters / 1000
+    return per_name
 
 
 def time_variant(m, args: list, dout, pps: int, repeats: int) -> tuple[dict, dict | None]:
