@@ -16,8 +16,10 @@ from m4v.model.rope import apply_rope, axis_positions, video_positions
 from m4v.model.temporal import (
     TemporalBranch,
     few_token_attention,
+    frame_causal_mask,
     frame_level_to_video,
     frame_level_tokens,
+    history_runs,
 )
 from m4v.ops.attention import block_causal_attention, block_causal_mask
 from m4v.ops.scan_reference import selective_scan_reference
@@ -246,20 +248,32 @@ def test_block_causal_attention_matches_dense_mask():
 
 
 def test_temporal_tokens_split_and_merge():
-    layout = ClipLayout(0, ((2, 2), (4, 4), (8, 8)), (0, 1, 2))
-    x = torch.randn(2, layout.video_len, 3)
-    tokens, owner = frame_level_tokens(x, layout, (2, 2))
-    assert tokens.shape == (2, 1 + 1 + 16, 3 * 4) and owner == [0, 1] + [2] * 16
+    # runs of equal-size history frames (two at 2x2, two at 4x4) and an 8x8 current frame
+    sizes = ((2, 2), (2, 2), (4, 4), (4, 4), (8, 8))
+    layout = ClipLayout(0, sizes, tuple(range(5)))
+    assert history_runs(layout) == [(0, 2, 2, 2), (8, 2, 4, 4)]
+    x = torch.randn(2, layout.video_len, 3, dtype=torch.float64)
+    tokens = frame_level_tokens(x, layout, (2, 2))
+    assert tokens.shape == (2, 4 + 16, 3 * 4)
     back = frame_level_to_video(tokens, layout, (2, 2), 3)
     cur = slice(layout.frame_offsets[-1], None)
     assert torch.equal(back[:, cur], x[:, cur])  # the strided split is exact
     # split token (a, b) holds the cells [a::4, b::4] of the current frame
     grid = x[:, cur].reshape(2, 8, 8, 3)
-    assert torch.equal(tokens[:, 2 + 1 * 4 + 2].reshape(2, 3, 2, 2),
+    assert torch.equal(tokens[:, 4 + 1 * 4 + 2].reshape(2, 3, 2, 2),
                        grid[:, 1::4, 2::4].permute(0, 3, 1, 2))
-    # history tokens are the 2x2 average pool of their frame
-    f1 = x[:, 4:20].reshape(2, 4, 4, 3).permute(0, 3, 1, 2)
-    assert torch.allclose(tokens[:, 1], F.avg_pool2d(f1, 2).reshape(2, 12))
+    for i, ((h, w), off) in enumerate(zip(sizes[:-1], layout.frame_offsets, strict=False)):
+        frame = x[:, off:off + h * w].reshape(2, h, w, 3).permute(0, 3, 1, 2)
+        # a history token is its frame's average pool to the grid, values ordered (c, hs, ws)
+        torch.testing.assert_close(tokens[:, i], F.adaptive_avg_pool2d(frame, 2).reshape(2, 12))
+        # and goes back to every cell it pooled (nearest upsampling)
+        up = F.interpolate(tokens[:, i].reshape(2, 3, 2, 2), size=(h, w), mode="nearest")
+        assert torch.equal(back[:, off:off + h * w], up.flatten(2).mT)
+
+
+def test_frame_causal_mask():
+    owner = torch.tensor([0, 1, 2, 2, 2])  # two history frames, the current one split in three
+    assert torch.equal(frame_causal_mask(2, 3), owner[None, :] <= owner[:, None])
 
 
 def test_few_token_attention_matches_sdpa():

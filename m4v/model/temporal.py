@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m4v.model.embeddings import ClipLayout
@@ -35,47 +34,61 @@ def temporal_grid(frame_sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     return hs, ws
 
 
-def frame_level_tokens(
-    x: Tensor, layout: ClipLayout, grid: tuple[int, int]
-) -> tuple[Tensor, list[int]]:
-    """Video features (b, Lv, c) -> frame-level tokens (b, n_tok, c*hs*ws) and each token's frame.
+def history_runs(layout: ClipLayout) -> list[tuple[int, int, int, int]]:
+    """Consecutive history frames (all but the current one) of one size, as (first token's
+    offset in the video stream, number of frames, h, w). A pyramid clip has a few runs (13
+    frames at the coarsest level, ...), a flat clip one; each run is handled by one reshape."""
+    runs: list[list[int]] = []
+    for (h, w), off in zip(layout.frame_sizes[:-1], layout.frame_offsets, strict=False):
+        if runs and (runs[-1][2], runs[-1][3]) == (h, w):
+            runs[-1][1] += 1
+        else:
+            runs.append([off, 1, h, w])
+    return [tuple(r) for r in runs]
 
-    History frames give one pooled token each; the last (current) frame gives k*k split tokens.
-    """
+
+def frame_level_tokens(x: Tensor, layout: ClipLayout, grid: tuple[int, int]) -> Tensor:
+    """Video features (b, Lv, c) -> frame-level tokens (b, n_tok, c*hs*ws), values ordered
+    (c, hs, ws): one average-pooled token per history frame, then the current frame's k*k split
+    tokens (token (a, b) holds cells ``[a::k, b::k]``)."""
     b, _, c = x.shape
     hs, ws = grid
-    tokens, owner = [], []
-    last = len(layout.frame_sizes) - 1
-    for i, ((h, w), off) in enumerate(zip(layout.frame_sizes, layout.frame_offsets, strict=True)):
-        f = x[:, off:off + h * w].transpose(1, 2).reshape(b, c, h, w)
-        if i < last:
-            tokens.append(F.adaptive_avg_pool2d(f, grid).reshape(b, 1, c * hs * ws))
-            owner.append(i)
-        else:
-            k = h // hs
-            f = f.reshape(b, c, hs, k, ws, k).permute(0, 3, 5, 1, 2, 4)  # (b, k, k, c, hs, ws)
-            tokens.append(f.reshape(b, k * k, c * hs * ws))
-            owner += [i] * (k * k)
-    return torch.cat(tokens, dim=1), owner
+    tokens = []
+    for off, m, h, w in history_runs(layout):
+        f = h // hs  # the pooling window, f x f cells
+        cells = x[:, off:off + m * h * w].reshape(b, m, hs, f, ws, f, c)
+        cells = cells.mean((3, 5)) if f > 1 else cells.reshape(b, m, hs, ws, c)
+        tokens.append(cells.permute(0, 1, 4, 2, 3).reshape(b, m, c * hs * ws))
+    k = layout.current_size[0] // hs
+    cur = x[:, layout.frame_offsets[-1]:].reshape(b, hs, k, ws, k, c)
+    tokens.append(cur.permute(0, 2, 4, 5, 1, 3).reshape(b, k * k, c * hs * ws))
+    return torch.cat(tokens, dim=1)
 
 
 def frame_level_to_video(y: Tensor, layout: ClipLayout, grid: tuple[int, int], c: int) -> Tensor:
-    """Inverse layout of :func:`frame_level_tokens`: (b, n_tok, c*hs*ws) -> (b, Lv, c)."""
+    """Inverse layout of :func:`frame_level_tokens`, history tokens upsampled (nearest):
+    (b, n_tok, c*hs*ws) -> (b, Lv, c)."""
     b = y.shape[0]
     hs, ws = grid
     out, pos = [], 0
-    last = len(layout.frame_sizes) - 1
-    for i, (h, w) in enumerate(layout.frame_sizes):
-        if i < last:
-            g = y[:, pos].reshape(b, c, hs, ws)
-            g = F.interpolate(g, size=(h, w), mode="nearest") if (h, w) != grid else g
-            pos += 1
-        else:
-            k = h // hs
-            g = y[:, pos:pos + k * k].reshape(b, k, k, c, hs, ws).permute(0, 3, 4, 1, 5, 2)
-            g = g.reshape(b, c, h, w)
-        out.append(g.reshape(b, c, h * w).transpose(1, 2))
+    for _, m, h, w in history_runs(layout):
+        f = h // hs
+        cells = y[:, pos:pos + m].reshape(b, m, c, hs, 1, ws, 1).expand(b, m, c, hs, f, ws, f)
+        out.append(cells.permute(0, 1, 3, 4, 5, 6, 2).reshape(b, m * h * w, c))
+        pos += m
+    h, w = layout.current_size
+    k = h // hs
+    cur = y[:, pos:].reshape(b, k, k, c, hs, ws).permute(0, 4, 1, 5, 2, 3)  # (b, hs, k, ws, k, c)
+    out.append(cur.reshape(b, h * w, c))
     return torch.cat(out, dim=1)
+
+
+def frame_causal_mask(num_history: int, num_split: int, device=None) -> Tensor:
+    """(n, n) bool, n = num_history + num_split: a token sees its own frame and earlier ones
+    (history frames one token each, the current frame's split tokens all one frame). Built on
+    the device: a host tensor copied there would make the launch queue wait for the GPU."""
+    frame = torch.arange(num_history + num_split, device=device).clamp_(max=num_history)
+    return frame[None, :] <= frame[:, None]
 
 
 def few_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -110,10 +123,10 @@ class TemporalBranch(nn.Module):
     def forward(self, video: Tensor, layout: ClipLayout) -> Tensor:
         """video (b, Lv, hidden), already modulated -> (b, Lv, hidden) update of the video."""
         grid = temporal_grid(layout.frame_sizes)
-        q, k, v = self.qkv(video).chunk(3, dim=-1)
-        (q, owner), (k, _), (v, _) = (frame_level_tokens(t, layout, grid) for t in (q, k, v))
-        o = torch.tensor(owner, device=video.device)
-        mask = o[None, :] <= o[:, None]  # a token sees its own frame and earlier ones
+        # one layout pass for q, k and v: channels are the outer index of a token's values
+        q, k, v = frame_level_tokens(self.qkv(video), layout, grid).chunk(3, dim=-1)
+        history = len(layout.frame_sizes) - 1
+        mask = frame_causal_mask(history, q.shape[1] - history, video.device)
         b, n, s = q.shape
         # Heads split the channel axis: each head sees c/heads channels over the whole grid.
         split = lambda t: t.reshape(b, n, self.heads, s // self.heads).transpose(1, 2)
