@@ -2,9 +2,12 @@
 
 Setting of the M4V-2B scan (DESIGN.md section 11): b = 1, d = 3840, d_state = 16, bfloat16, with
 z gating, D, delta_bias and softplus; L = 4k, 16k and 64k tokens. For each length and backend:
-forward time (under no_grad, as in inference), forward+backward time (autograd.grad of all
-inputs), the forward's effective bandwidth (the fewest bytes it must move: u, delta, z read, out
-written, B and C read, over its time) and the speed-up over mamba-ssm measured in the same run.
+forward time (under no_grad, as in inference) and forward+backward time (autograd.grad of all
+inputs), each as the wall time of one call (CUDA events: where the GPU waits for the host's
+launch work, that counts) and as GPU time (the profiler's summed kernel time: the cost inside a
+model, where the host runs ahead); the forward's effective bandwidth (the fewest bytes it must
+move: u, delta, z read, out written, B and C read, over its wall time) and the speed-ups over
+mamba-ssm measured in the same run.
 Outputs and gradients of the Triton kernel are compared with mamba-ssm's at every length.
 ``--sweep`` first compiles a few tile configurations of the Triton kernel in parallel, times them at
 16k and uses the best.
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import cuda_time  # noqa: E402
 
+from harness.profile import gpu_busy_ms  # noqa: E402
 from m4v.ops import scan_triton  # noqa: E402
 from m4v.ops.scan_triton import ScanKernelConfig  # noqa: E402
 
@@ -92,10 +96,13 @@ def fwd_bytes(b: int, d: int, n: int, length: int) -> int:
     return 2 * (4 * b * d * length + 2 * b * n * length)
 
 
-def time_backend(fn, inputs: dict, repeats: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) medians."""
-    with torch.no_grad():
-        fwd = cuda_time(lambda: fn(**inputs, delta_softplus=True), repeats=repeats)
+def time_backend(fn, inputs: dict, repeats: int) -> dict:
+    """Medians of one call's wall time and its GPU time, forward and forward+backward (ms)."""
+
+    def fwd():
+        with torch.no_grad():
+            return fn(**inputs, delta_softplus=True)
+
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
     g_out = torch.randn_like(inputs["u"])
 
@@ -103,8 +110,9 @@ def time_backend(fn, inputs: dict, repeats: int) -> tuple[float, float]:
         out = fn(**leaves, delta_softplus=True)
         return torch.autograd.grad(out, list(leaves.values()), g_out)
 
-    both = cuda_time(fwd_bwd, repeats=repeats)
-    return fwd.median_ms, both.median_ms
+    return dict(fwd_ms=cuda_time(fwd, repeats=repeats).median_ms,
+                fwd_bwd_ms=cuda_time(fwd_bwd, repeats=repeats).median_ms,
+                fwd_gpu_ms=gpu_busy_ms(fwd, "cuda"), fwd_bwd_gpu_ms=gpu_busy_ms(fwd_bwd, "cuda"))
 
 
 def compare(fn, ref_fn, inputs: dict) -> dict:
@@ -218,15 +226,14 @@ def main(argv=None) -> dict:
             if name == "torch" and length > args.torch_max_length:
                 continue
             reps = args.repeats if name != "torch" else 3
-            fwd_ms, both_ms = time_backend(fn, inputs, reps)
-            gbps = fwd_bytes(b, d, n, length) / (fwd_ms * 1e-3) / 1e9
-            row["backends"][name] = dict(fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, fwd_gb_per_s=gbps)
+            r = row["backends"][name] = time_backend(fn, inputs, reps)
+            r["fwd_gb_per_s"] = fwd_bytes(b, d, n, length) / (r["fwd_ms"] * 1e-3) / 1e9
         if "triton" in fns and ANCHOR in fns:
             row["triton_vs_mamba_rel_diff"] = compare(fns["triton"], fns[ANCHOR], inputs)
         anchor = row["backends"].get(ANCHOR)
         for r in row["backends"].values():
-            r["fwd_speedup"] = anchor["fwd_ms"] / r["fwd_ms"] if anchor else None
-            r["fwd_bwd_speedup"] = anchor["fwd_bwd_ms"] / r["fwd_bwd_ms"] if anchor else None
+            for key in ("fwd", "fwd_bwd", "fwd_gpu", "fwd_bwd_gpu"):
+                r[f"{key}_speedup"] = anchor[f"{key}_ms"] / r[f"{key}_ms"] if anchor else None
         results.append(row)
         del inputs
         torch.cuda.empty_cache()
@@ -241,7 +248,8 @@ def main(argv=None) -> dict:
         mamba_ssm=_version("mamba_ssm"), python=platform.python_version(),
         triton_config=dataclasses.asdict(config),
         sweep_at_16k=sweep_rows, results=results,
-        timing="CUDA events, 3 warm-up calls, median of --repeats (3 for torch)",
+        timing="wall: CUDA events around one call, 3 warm-up calls, median of --repeats (3 for "
+               "torch); GPU: summed kernel time of 3 profiled calls, averaged",
     )
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,16 +269,21 @@ def print_table(report: dict) -> None:
     print(f"\nselective scan, {report['device']}, b={report['setting']['batch']} "
           f"d={report['setting']['dim']} n={report['setting']['d_state']} bf16, z+D+bias+softplus"
           f"; speed-up vs {report['anchor'] or 'no anchor (mamba-ssm missing)'}")
-    head = f"{'L':>6} {'backend':>10} {'fwd ms':>9} {'fwd GB/s':>9} {'fwd x':>7} " \
-           f"{'fwd+bwd ms':>11} {'fwd+bwd x':>10}"
+    print("wall: one call between CUDA events; GPU: its summed kernel time; x: speed-up")
+    cols = [("fwd", "fwd"), ("fwd_gpu", "fwd GPU"), ("fwd_bwd", "fwd+bwd"),
+            ("fwd_bwd_gpu", "fwd+bwd GPU")]
+    head = f"{'L':>6} {'backend':>10} " + " ".join(
+        f"{label + ' ms':>15} {'x':>5}" for _, label in cols) + f" {'fwd GB/s':>9}"
     print(head)
     print("-" * len(head))
     for row in report["results"]:
         for name, r in row["backends"].items():
-            fx = f"{r['fwd_speedup']:.2f}" if r["fwd_speedup"] else "-"
-            bx = f"{r['fwd_bwd_speedup']:.2f}" if r["fwd_bwd_speedup"] else "-"
-            print(f"{row['length']:>6} {name:>10} {r['fwd_ms']:>9.3f} {r['fwd_gb_per_s']:>9.0f} "
-                  f"{fx:>7} {r['fwd_bwd_ms']:>11.3f} {bx:>10}")
+            cells = []
+            for key, _ in cols:
+                x = r[f"{key}_speedup"]
+                cells.append(f"{r[key + '_ms']:>15.3f} {f'{x:.2f}' if x else '-':>5}")
+            print(f"{row['length']:>6} {name:>10} " + " ".join(cells)
+                  + f" {r['fwd_gb_per_s']:>9.0f}")
         if "triton_vs_mamba_rel_diff" in row:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in row["triton_vs_mamba_rel_diff"].items())
             print(f"{'':>6} triton vs mamba rel. diff: {diffs}")
