@@ -27,7 +27,6 @@ the device once per (mask, spec) and reused by every block of a forward that see
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -37,6 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from m4v.ops.zigzag import zigzag_orders
+from m4v.tensor_memo import TensorMemo
 
 
 @dataclass(frozen=True)
@@ -152,35 +152,11 @@ def sequence_index(text_mask: Tensor, spec: SequenceSpec) -> SequenceIndex:
     )
 
 
-class _IndexCache:
-    """:func:`sequence_index` per spec for the last text mask seen, reused while it is the same
-    unmodified tensor.
-
-    Every MM-DiM block of a forward (and its backward) gets the same mask object: building the
-    tables once saves a dozen small kernel launches per block. Identity is checked through a
-    weak reference (no stale hit after the mask is freed) and the tensor's version counter (no
-    hit after an in-place change).
-    """
-
-    def __init__(self):
-        self._ref = None
-        self._version = -1
-        self._tables: dict = {}
-
-    def __call__(self, text_mask: Tensor, spec: SequenceSpec, device: torch.device
-                 ) -> SequenceIndex:
-        ref = self._ref() if self._ref is not None else None
-        if ref is not text_mask or text_mask._version != self._version:
-            self._tables = {}
-            self._ref = weakref.ref(text_mask)
-            self._version = text_mask._version
-        key = (spec, device)
-        if key not in self._tables:
-            self._tables[key] = sequence_index(text_mask.to(device), spec)
-        return self._tables[key]
+_index = TensorMemo()  # the row tables of the last text mask seen, per (spec, device)
 
 
-_index = _IndexCache()
+def _index_of(text_mask: Tensor, spec: SequenceSpec, device: torch.device) -> SequenceIndex:
+    return _index.get(text_mask, (spec, device), lambda: sequence_index(text_mask.to(device), spec))
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -255,7 +231,7 @@ def joint_to_sequence(x: Tensor, text_mask: Tensor, register: Tensor | None,
     if x.shape[1] != text_mask.shape[1] + lv:
         raise ValueError(f"x: got {x.shape[1]} tokens, expected {text_mask.shape[1]} text slots "
                          f"+ {lv} video tokens for this spec")
-    ix = _index(text_mask, spec, x.device)
+    ix = _index_of(text_mask, spec, x.device)
     return _JointToSequence.apply(x, register if spec.registers else None, ix.mask_as(x.dtype),
                                   ix.compose, ix.first, ix.appended, ix.registers)
 
@@ -264,7 +240,7 @@ def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tenso
     """Inverse of :func:`joint_to_sequence`: exact for the video, the averaging rule for the
     text. seq (b, L_S, d) -> text (b, Lt, d) in slot order, video (b, Lv, d) frames in raster
     order."""
-    ix = _index(text_mask, spec, seq.device)
+    ix = _index_of(text_mask, spec, seq.device)
     if seq.shape[1] != ix.seq_len:
         raise ValueError(f"seq: got length {seq.shape[1]}, expected {ix.seq_len} for this spec "
                          f"and {text_mask.shape[1]} text slots")

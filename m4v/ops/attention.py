@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from m4v.tensor_memo import TensorMemo
+
 
 def block_causal_mask(text_len: int, frame_lens: list[int], device=None) -> Tensor:
     """The dense ``(L, L)`` boolean mask (True = may attend) the split computation implements.
@@ -29,9 +31,14 @@ def block_causal_mask(text_len: int, frame_lens: list[int], device=None) -> Tens
     return text_q | video_q
 
 
+_all_valid = TensorMemo()  # whether the last text mask seen has no padding
+
+
 def _key_mask(text_mask: Tensor | None, key_len: int) -> Tensor | None:
-    """(b, 1, 1, key_len) mask over a key prefix that starts with the text, or None if all valid."""
-    if text_mask is None or bool(text_mask.all()):
+    """(b, 1, 1, key_len) mask over a key prefix that starts with the text, or None if all valid
+    (the mask-free call can take the flash kernel). Knowing that means a read-back to the host;
+    it is made once per mask, not once per query group and block."""
+    if text_mask is None or _all_valid.get(text_mask, None, lambda: bool(text_mask.all())):
         return None
     b, lt = text_mask.shape
     # A row with no real text token would give softmax over nothing (NaN): let it see slot 0.
