@@ -12,7 +12,7 @@ from m4v.model.blocks import MMDiMBlock
 from m4v.model.embeddings import ClipLayout, patchify, unpatchify
 from m4v.model.mamba import MambaMixer, weight_first
 from m4v.model.recomposition import SequenceSpec, decompose, recompose, video_scan_index
-from m4v.model.rope import apply_rope, axis_positions, video_positions
+from m4v.model.rope import apply_rope, axis_positions, rope_cos_sin, video_positions
 from m4v.model.temporal import (
     TemporalBranch,
     few_token_attention,
@@ -307,6 +307,20 @@ def test_rope_positions_interpolate_coarse_frames():
     pos = video_positions(layout)
     assert pos[:2].tolist() == [[3, 0.5, 0.5], [3, 0.5, 2.5]]
     assert pos[2:4].tolist() == [[4, 0, 0], [4, 0, 1]]
+
+
+def test_rope_cos_sin_values_and_cache():
+    layout = ClipLayout(0, ((1, 2), (2, 4)), (3, 4))
+    axes = (2, 4, 4)
+    cos, sin = rope_cos_sin(layout, axes, "cpu")
+    # token 5 (second frame, row 0, column 3): position (t, h, w) = (4, 0, 3); axis i with dim
+    # d_i turns at pos_i * theta^(-2k / d_i), k < d_i / 2, axes one after another
+    ang = [4 * 1e4 ** (-2 * k / 2) for k in range(1)] + [0.0] * 2 \
+        + [3 * 1e4 ** (-2 * k / 4) for k in range(2)]
+    torch.testing.assert_close(cos[5], torch.tensor(ang).cos())
+    torch.testing.assert_close(sin[5], torch.tensor(ang).sin())
+    again = rope_cos_sin(ClipLayout(0, ((1, 2), (2, 4)), (3, 4)), list(axes), torch.device("cpu"))
+    assert again[0] is cos and again[1] is sin  # an equal layout hits the cache
 
 
 def test_apply_rope_is_complex_rotation():

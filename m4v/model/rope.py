@@ -8,6 +8,8 @@ spatial positions, as in PyramidFlow. Text tokens are not rotated (position 0 on
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -36,12 +38,22 @@ def rope_angles(positions: Tensor, axes: tuple[int, int, int], theta: float = 10
     parts = []
     for i, dim in enumerate(axes):
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        parts.append(positions[:, i:i + 1] * freqs[None])
+        parts.append(torch.outer(positions[:, i], freqs))
     return torch.cat(parts, dim=-1)
 
 
 def rope_cos_sin(layout: ClipLayout, axes: tuple[int, int, int], device, theta: float = 10000.0):
-    """cos, sin of shape (Lv, head_dim / 2), float32 on ``device``."""
+    """cos, sin of shape (Lv, head_dim / 2), float32 on ``device``; shared, not to be modified.
+
+    Cached per (layout, axes, device, theta): they are computed on the host in float64 and copied
+    over, a copy that makes the host wait for the GPU, and a training run sees the same few
+    layouts (pyramid stage x frame) again and again. 64 layouts at most; a 768p layout's pair
+    takes 3 MB (pyramid) to 16 MB (16 full frames) at head_dim 64."""
+    return _cos_sin(layout, tuple(axes), torch.device(device), float(theta))
+
+
+@lru_cache(maxsize=64)
+def _cos_sin(layout: ClipLayout, axes: tuple[int, int, int], device: torch.device, theta: float):
     ang = rope_angles(video_positions(layout), axes, theta)
     return ang.cos().float().to(device), ang.sin().float().to(device)
 
