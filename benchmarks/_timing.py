@@ -9,6 +9,7 @@ that small inputs are not timed from cache.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -67,3 +68,20 @@ def cuda_time(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10,
         del result
         times.append(start.elapsed_time(end))
     return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+def host_ms(fn: Callable[[], object], *, calls: int = 20,
+            device: torch.device | str | None = None) -> float:
+    """Host time of one ``fn()`` in ms: ``calls`` calls launched back to back, the clock stopped
+    before the GPU is waited for. While a call's GPU work outlasts its launch work the host stays
+    ahead (the launch queue holds over a thousand kernels), so this is the launch work alone: what
+    a lone call's wall time adds to its GPU time, and what a model can hide behind other work."""
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    fn()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    return elapsed / calls * 1e3

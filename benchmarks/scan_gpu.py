@@ -3,11 +3,11 @@
 Setting of the M4V-2B scan (DESIGN.md section 11): b = 1, d = 3840, d_state = 16, bfloat16, with
 z gating, D, delta_bias and softplus; L = 4k, 16k and 64k tokens. For each length and backend:
 forward time (under no_grad, as in inference) and forward+backward time (autograd.grad of all
-inputs), each as the wall time of one call (CUDA events: where the GPU waits for the host's
-launch work, that counts) and as GPU time (the profiler's summed kernel time: the cost inside a
-model, where the host runs ahead); the forward's effective bandwidth (the fewest bytes it must
-move: u, delta, z read, out written, B and C read, over its wall time) and the speed-ups over
-mamba-ssm measured in the same run.
+inputs), each as the wall time of one call (CUDA events: where the GPU waits for the host's launch
+work, that counts), as GPU time (the profiler's summed kernel time: the cost inside a model, where
+the host runs ahead) and as host time (that launch work alone); the forward's effective bandwidth
+(the fewest bytes it must move: u, delta, z read, out written, B and C read, over its wall time) and
+the speed-ups over mamba-ssm measured in the same run.
 Outputs and gradients of the Triton kernel are compared with mamba-ssm's at every length.
 ``--sweep`` first compiles a few tile configurations of the Triton kernel in parallel, times them at
 16k and uses the best.
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import cuda_time  # noqa: E402
+from _timing import cuda_time, host_ms  # noqa: E402
 
 from harness.profile import gpu_busy_ms  # noqa: E402
 from m4v.ops import scan_triton  # noqa: E402
@@ -97,7 +97,8 @@ def fwd_bytes(b: int, d: int, n: int, length: int) -> int:
 
 
 def time_backend(fn, inputs: dict, repeats: int) -> dict:
-    """Medians of one call's wall time and its GPU time, forward and forward+backward (ms)."""
+    """Forward and forward+backward (ms): medians of one call's wall time, its GPU time and its
+    host (launch) time."""
 
     def fwd():
         with torch.no_grad():
@@ -112,7 +113,8 @@ def time_backend(fn, inputs: dict, repeats: int) -> dict:
 
     return dict(fwd_ms=cuda_time(fwd, repeats=repeats).median_ms,
                 fwd_bwd_ms=cuda_time(fwd_bwd, repeats=repeats).median_ms,
-                fwd_gpu_ms=gpu_busy_ms(fwd, "cuda"), fwd_bwd_gpu_ms=gpu_busy_ms(fwd_bwd, "cuda"))
+                fwd_gpu_ms=gpu_busy_ms(fwd, "cuda"), fwd_bwd_gpu_ms=gpu_busy_ms(fwd_bwd, "cuda"),
+                fwd_host_ms=host_ms(fwd), fwd_bwd_host_ms=host_ms(fwd_bwd))
 
 
 def compare(fn, ref_fn, inputs: dict) -> dict:
@@ -249,7 +251,8 @@ def main(argv=None) -> dict:
         triton_config=dataclasses.asdict(config),
         sweep_at_16k=sweep_rows, results=results,
         timing="wall: CUDA events around one call, 3 warm-up calls, median of --repeats (3 for "
-               "torch); GPU: summed kernel time of 3 profiled calls, averaged",
+               "torch); GPU: summed kernel time of 3 profiled calls, averaged; host: 20 calls "
+               "launched back to back, clock stopped before the GPU is waited for",
     )
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,11 +272,13 @@ def print_table(report: dict) -> None:
     print(f"\nselective scan, {report['device']}, b={report['setting']['batch']} "
           f"d={report['setting']['dim']} n={report['setting']['d_state']} bf16, z+D+bias+softplus"
           f"; speed-up vs {report['anchor'] or 'no anchor (mamba-ssm missing)'}")
-    print("wall: one call between CUDA events; GPU: its summed kernel time; x: speed-up")
+    print("wall: one call between CUDA events; GPU: its summed kernel time; x: speed-up; "
+          "host: its launch work")
     cols = [("fwd", "fwd"), ("fwd_gpu", "fwd GPU"), ("fwd_bwd", "fwd+bwd"),
             ("fwd_bwd_gpu", "fwd+bwd GPU")]
     head = f"{'L':>6} {'backend':>10} " + " ".join(
-        f"{label + ' ms':>15} {'x':>5}" for _, label in cols) + f" {'fwd GB/s':>9}"
+        f"{label + ' ms':>15} {'x':>5}" for _, label in cols) + f" {'fwd GB/s':>9}" \
+        + f" {'host ms fwd, fwd+bwd':>21}"
     print(head)
     print("-" * len(head))
     for row in report["results"]:
@@ -283,7 +288,8 @@ def print_table(report: dict) -> None:
                 x = r[f"{key}_speedup"]
                 cells.append(f"{r[key + '_ms']:>15.3f} {f'{x:.2f}' if x else '-':>5}")
             print(f"{row['length']:>6} {name:>10} " + " ".join(cells)
-                  + f" {r['fwd_gb_per_s']:>9.0f}")
+                  + f" {r['fwd_gb_per_s']:>9.0f} {r['fwd_host_ms']:>10.3f} "
+                  f"{r['fwd_bwd_host_ms']:>10.3f}")
         if "triton_vs_mamba_rel_diff" in row:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in row["triton_vs_mamba_rel_diff"].items())
             print(f"{'':>6} triton vs mamba rel. diff: {diffs}")

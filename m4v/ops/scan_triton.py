@@ -75,11 +75,10 @@ class ScanKernelConfig:
     ``*_warps`` (``bwd_block_d`` >= ``bwd_block_l``: each channel row ends up holding one
     column's sum in ``_column_sums``); ``*_programs_per_sm``: the sequence is cut into as many
     chunks as it takes to give every streaming multiprocessor about this many programs (fewer
-    chunks when the batch and the channels already do). Defaults: the fastest of a sweep on an
-    H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py --sweep``), run before
-    the state buffers took their present layout. The next sweep (6b40bb4, B and C then laid out
-    by tiles) found ``fwd_block_l=8, fwd_programs_per_sm=64`` the fastest forward there (1.51
-    against 2.05 ms); the present kernels have not been swept.
+    chunks when the batch and the channels already do). Defaults: the fastest of a sweep of these
+    kernels on an H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py
+    --sweep``; reports/benchmarks/scan_gpu_sweep.json): forward 4 steps at 32 programs per SM
+    (1.66 ms; 8 steps at 32 or 64: 1.73, 1.79), backward 8 steps at 64 (3.68 ms).
     """
 
     fwd_block_l: int = 4
