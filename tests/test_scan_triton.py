@@ -229,6 +229,10 @@ for n, tiles in ((4, ScanKernelConfig(fwd_block_l=4, fwd_block_d=4, fwd_programs
                                       bwd_block_l=4, bwd_block_d=4, bwd_programs_per_sm=2))):
     inputs = model_layout(make_inputs(1, 6, n, 37, torch.float32, seed=3, device="cpu"))
     check_against_loop(inputs, True, 2e-4, config=tiles)
+# bf16 inputs: B and C are read in their own dtypes, also when these differ
+inputs = make_inputs(1, 6, 4, 37, torch.bfloat16, seed=4, device="cpu")
+for C in (inputs["C"], inputs["C"].float()):
+    check_against_loop(dict(inputs, C=C), True, 1e-2, config=tiles)
 """
 
 

@@ -51,6 +51,7 @@ reports/benchmarks/scan_gpu.json and the README.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class ScanKernelConfig:
     fwd_block_l: int = 4
     fwd_block_d: int = 32
     fwd_warps: int = 1
-    fwd_programs_per_sm: int = 32
+    fwd_programs_per_sm: int = 23
     fwd_maxnreg: int | None = None
     bwd_block_l: int = 8
     bwd_block_d: int = 32
@@ -279,13 +280,18 @@ def _program_tile(pid_d, pid_b, dim, length, n_tiles, N: tl.constexpr, BLOCK_D: 
 
 @triton.jit
 def _bc_tile(ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L: tl.constexpr):
-    """B or C (BLOCK_L,) of state n at ``tile``, from its (b, n, tiles x BLOCK_L) float32 copy.
-    Copies laid out (b, tiles, n, BLOCK_L), every state at a constant offset from the tile's
-    start, left the backward as fast and made the forward kernel 1.4-1.6x slower (H200, 16k and
-    64k steps). In the sm_90 code (Triton 3.6) of that forward, ptxas issued each state's loads
-    right before their use, at 80 registers; with this layout it issues several ahead, at 186:
-    the forward waits on these loads more than it gains from occupancy."""
-    return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols)
+    """B or C (BLOCK_L,) of state n at ``tile`` in float32, from its (b, n, tiles x BLOCK_L)
+    copy in the input's dtype.
+
+    Every thread holds the tile's B and C (they are the same for all channels of a program), and
+    ptxas issues the loads of several states ahead: they take most of the forward's registers.
+    Kept in bf16 until used (two per register), the forward needs 168 registers rather than 186:
+    3 warps per scheduler rather than 2. Copies laid out (b, tiles, n, BLOCK_L), every state at a
+    constant offset from the tile's start, brought it to 80, but ptxas then issued each load
+    right before its use and the forward waited on them: 1.2-1.4x slower with bf16 copies, 1.4-1.6x
+    with float32 ones (H200, 16k and 64k steps); L1 prefetches of the next tile
+    (``prefetch.global.L1``, ``CCTL.E.PF1``) made that layout 2x slower still."""
+    return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols).to(tl.float32)
 
 
 @triton.jit
@@ -650,10 +656,10 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
     return b, d, length, n
 
 
-def _padded_f32(t: Tensor, n_tiles: int, block_l: int) -> Tensor:
-    """(b, n, l) -> (b, n, tiles x block_l) float32, zero past l: the kernels read whole tiles of
-    B and C unmasked and unconverted (B, C are d times smaller than u, so this copy is cheap)."""
-    return torch.nn.functional.pad(t.float(), (0, n_tiles * block_l - t.shape[-1]))
+def _padded(t: Tensor, n_tiles: int, block_l: int) -> Tensor:
+    """(b, n, l) -> (b, n, tiles x block_l), dense, zero past l: the kernels read whole tiles of
+    B and C unmasked (B, C are d times smaller than u, so this copy is cheap)."""
+    return torch.nn.functional.pad(t, (0, n_tiles * block_l - t.shape[-1]))
 
 
 def _state_buffer(*lead: int, d: int, n: int, device) -> Tensor:
@@ -682,23 +688,29 @@ def _optional(t: Tensor | None, fallback: Tensor) -> Tensor:
     return t.contiguous() if t is not None else fallback
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    # the interpreter (CPU) has no multiprocessors: chunk as a small GPU would
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _chunking(u: Tensor, block_l: int, block_d: int, programs_per_sm: int
               ) -> tuple[int, int, int, int]:
     """(tiles, channel blocks, tiles per chunk, chunks) of a launch over u (b, d, l)."""
     b, d, length = u.shape
     n_tiles = triton.cdiv(length, block_l)
     d_blocks = triton.cdiv(d, block_d)
-    # the interpreter (CPU) has no multiprocessors: chunk as a small GPU would
-    sms = (torch.cuda.get_device_properties(u.device).multi_processor_count
-           if u.device.type == "cuda" else 4)
-    per_chunk = chunk_tiles(n_tiles, b * d_blocks, programs_per_sm * sms)
+    per_chunk = chunk_tiles(n_tiles, b * d_blocks, programs_per_sm * _multiprocessors(u.device))
     return n_tiles, d_blocks, per_chunk, triton.cdiv(n_tiles, per_chunk)
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states,
                  config: ScanKernelConfig = DEFAULT_CONFIG):
-    """Launch the forward kernels. Returns (out (b, d, l) in u's dtype, last_state (b, d, n) fp32,
-    the states entering the backward's tiles (a state buffer, see ``_state_buffer``) or None)."""
+    """Launch the forward kernels. Returns out (b, d, l) in u's dtype, the last state and, with
+    ``save_states``, the states entering the backward's tiles (else None), both state buffers
+    (see ``_state_buffer``; ``_states_to_dn`` makes the last state (b, d, n))."""
     (b, d, length), n = u.shape, A.shape[1]
     u, delta, A = (t.contiguous() for t in (u, delta, A))
     block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=False)
@@ -707,7 +719,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
         block_l = min(block_l, config.bwd_block_l)
         save_every = config.bwd_block_l // block_l
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
-    B, C = _padded_f32(B, n_tiles, block_l), _padded_f32(C, n_tiles, block_l)
+    B, C = _padded(B, n_tiles, block_l), _padded(C, n_tiles, block_l)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
     last = _state_buffer(b, d=d, n=n, device=u.device)
@@ -727,7 +739,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_state
         out, last, states, hloc, dtsum, *sizes,
         HAS_D=D is not None, HAS_Z=z is not None, SAVE_STATES=save_states,
         SAVE_EVERY=save_every, **common)
-    return out, _states_to_dn(last, d), (states if save_states else None)
+    return out, last, (states if save_states else None)
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, dout, dlast,
@@ -738,7 +750,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     u, delta, A, dout = (t.contiguous() for t in (u, delta, A, dout))
     block_l, block_d, warps, per_sm, maxnreg = config.tiles(grad=True)
     n_tiles, d_blocks, per_chunk, n_chunks = _chunking(u, block_l, block_d, per_sm)
-    B32, C32 = _padded_f32(B, n_tiles, block_l), _padded_f32(C, n_tiles, block_l)
+    Bp, Cp = _padded(B, n_tiles, block_l), _padded(C, n_tiles, block_l)
     if states.shape[1] != n_tiles:
         raise ValueError(f"saved states hold {states.shape[1]} tiles, expected {n_tiles}")
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -762,9 +774,9 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, d
     bias, zz = _optional(delta_bias, u), _optional(z, u)
     if n_chunks > 1:
         _bwd_chunk_adjoint_kernel[(d_blocks, n_chunks - 1, b)](
-            delta, A, C32, zz, bias, dout, qloc, dtsum, *sizes, **common)
+            delta, A, Cp, zz, bias, dout, qloc, dtsum, *sizes, **common)
     _scan_bwd_kernel[(d_blocks, n_chunks, b)](
-        u, delta, A, B32, C32, _optional(D, u), zz, bias,
+        u, delta, A, Bp, Cp, _optional(D, u), zz, bias,
         dout, states if dlast is None else _states_from_dn(dlast), states, qloc, dtsum,
         du, ddelta, _optional(dz, du), dA_part, _optional(dD_part, dA_part),
         _optional(dbias_part, dA_part), dB_part, dC_part, *sizes,
@@ -790,7 +802,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             ctx.config = config
         if not return_last_state:
             return out
-        return out, last
+        return out, _states_to_dn(last, u.shape[1])
 
     @staticmethod
     def backward(ctx, dout, dlast=None):
