@@ -76,10 +76,13 @@ class ScanKernelConfig:
     ``*_warps`` (``bwd_block_d`` >= ``bwd_block_l``: each channel row ends up holding one
     column's sum in ``_column_sums``); ``*_programs_per_sm``: the sequence is cut into as many
     chunks as it takes to give every streaming multiprocessor about this many programs (fewer
-    chunks when the batch and the channels already do). Defaults: the fastest of a sweep of these
-    kernels on an H200 at d = 3840, d_state 16, bf16, L = 16k (``benchmarks/scan_gpu.py
-    --sweep``; reports/benchmarks/scan_gpu_sweep.json): forward 4 steps at 32 programs per SM
-    (1.66 ms; 8 steps at 32 or 64: 1.73, 1.79), backward 8 steps at 64 (3.68 ms).
+    chunks when the batch and the channels already do). Defaults, on an H200 at d = 3840,
+    d_state 16, bf16: tiles of 4 forward steps and 8 backward ones, the fastest of a sweep at 16k
+    (``benchmarks/scan_gpu.py --sweep``; reports/benchmarks/scan_gpu_sweep.json). 23 forward
+    programs per SM make 26 chunks: 3,120 programs, two waves of the 12 that fit on each of the
+    132 multiprocessors at 168 registers (nearly three of the 8 that fit at 186, before B and C
+    stayed bf16). 32 made 36 chunks, 4.09 waves at 186 registers: 7-8% slower than 23 at 16k
+    and 64k (reports/benchmarks/scan_ab_gpu_bc_layout.json). Choose the chunking in whole waves.
     """
 
     fwd_block_l: int = 4
@@ -288,9 +291,10 @@ def _bc_tile(ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L: tl.constexpr):
     Kept in bf16 until used (two per register), the forward needs 168 registers rather than 186:
     3 warps per scheduler rather than 2. Copies laid out (b, tiles, n, BLOCK_L), every state at a
     constant offset from the tile's start, brought it to 80, but ptxas then issued each load
-    right before its use and the forward waited on them: 1.2-1.4x slower with bf16 copies, 1.4-1.6x
-    with float32 ones (H200, 16k and 64k steps); L1 prefetches of the next tile
-    (``prefetch.global.L1``, ``CCTL.E.PF1``) made that layout 2x slower still."""
+    right before its use and the forward waited on them: 1.15-1.42x slower with bf16 copies,
+    1.4-1.6x with float32 ones (H200, 16k and 64k steps); L1 prefetches of the next tile
+    (``prefetch.global.L1``, ``CCTL.E.PF1``) made that layout 1.5-1.8x slower still
+    (reports/benchmarks/scan_ab_gpu_bc_layout.json)."""
     return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols).to(tl.float32)
 
 
