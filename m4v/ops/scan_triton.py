@@ -81,7 +81,7 @@ class ScanKernelConfig:
     (``benchmarks/scan_gpu.py --sweep``; reports/benchmarks/scan_gpu_sweep.json). 23 forward
     programs per SM make 26 chunks: 3,120 programs, two waves of the 12 that fit on each of the
     132 multiprocessors at 168 registers (nearly three of the 8 that fit at 186, before B and C
-    stayed bf16). 32 made 36 chunks, 4.09 waves at 186 registers: 7-8% slower than 23 at 16k
+    stayed bf16). 32 made 36 chunks, 4.09 waves at 186 registers: 7.5-8.5% slower than 23 at 16k
     and 64k (reports/benchmarks/scan_ab_gpu_bc_layout.json). Choose the chunking in whole waves.
     """
 
@@ -288,11 +288,11 @@ def _bc_tile(ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L: tl.constexpr):
 
     Every thread holds the tile's B and C (they are the same for all channels of a program), and
     ptxas issues the loads of several states ahead: they take most of the forward's registers.
-    Kept in bf16 until used (two per register), the forward needs 168 registers rather than 186:
-    3 warps per scheduler rather than 2. Copies laid out (b, tiles, n, BLOCK_L), every state at a
-    constant offset from the tile's start, brought it to 80, but ptxas then issued each load
-    right before its use and the forward waited on them: 1.15-1.42x slower with bf16 copies,
-    1.4-1.6x with float32 ones (H200, 16k and 64k steps); L1 prefetches of the next tile
+    Kept in bf16 until used (two per register), the forward needs 168 registers (ptxas, sm_90a)
+    rather than 186: 3 warps per scheduler rather than 2. Copies laid out (b, tiles, n, BLOCK_L),
+    every state at a constant offset from the tile's start, brought it to 80, but ptxas then issued
+    each load right before its use and the forward waited on them: 1.15-1.42x slower with bf16
+    copies, 1.4-1.6x with float32 ones (H200, 16k and 64k steps); L1 prefetches of the next tile
     (``prefetch.global.L1``, ``CCTL.E.PF1``) made that layout 1.5-1.8x slower still
     (reports/benchmarks/scan_ab_gpu_bc_layout.json)."""
     return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols).to(tl.float32)
