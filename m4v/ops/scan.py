@@ -25,9 +25,10 @@ Backends (``backend=``):
 * ``"auto"``: CUDA tensors: triton, else mamba_ssm, else torch; any other device: torch. The
   order is measured on an H200 (reports/benchmarks/block_gpu*.json, scan_gpu.json): inside the
   MM-DiM block, at the model's 12k and 62k tokens, the Triton kernel is the faster one, forward
-  and forward+backward. Alone, in one call's wall time, mamba-ssm's is faster at 4k tokens and
-  in its forward without gradient at 16k; in GPU time only its 4k forward is (a lone call of
-  ours waits longer on its launch work); README.
+  and forward+backward; alone, at 16k and 64k tokens, too, in wall and in GPU time. At 4k tokens
+  (last timed on the kernels before B and C stayed bf16) mamba-ssm's was faster in wall time,
+  and in GPU time for the forward without gradient: a lone call of ours waits longer on its
+  launch work; README.
 
 FLOPs (:func:`selective_scan_flops`), counting every multiply, add and transcendental as one,
 per state element (b, d, l, n) of the forward recurrence as defined (sequential evaluation):
