@@ -42,14 +42,18 @@ from m4v.ops.scan_triton import ScanKernelConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR = "mamba_ssm"
 # overrides of the default ScanKernelConfig; each costs a compile, done in parallel processes
-# before timing.
+# before timing. Lost on an H200 at 16k, and no longer offered: tiles of 8 or 16 forward steps
+# and 2 warps per program (reports/benchmarks/scan_gpu_sweep.json); register caps, which trade
+# spills for warps per SM: the backward took 4.87 and 6.04 ms under caps of 168 and 144 registers
+# against 3.56 uncapped (5.44-8.30 ms with tiles of 4 steps), the forward 1.47 and 1.62 ms under
+# 144 and 128 against 1.26; L2 prefetches of the tiles ahead (``prefetch.global.L2``, an option
+# made for that run), 1-4 tiles ahead in the backward (3.62-3.78 ms against 3.57) and 8-32 ahead
+# in the forward (1.54-1.59 ms against 1.27) (scan_gpu_sweep_caps_prefetch.json).
 CANDIDATES = [
     {},
-    dict(fwd_block_l=8, fwd_programs_per_sm=32),
-    dict(fwd_block_l=8, fwd_programs_per_sm=64),
-    dict(fwd_block_l=8, fwd_programs_per_sm=128, bwd_programs_per_sm=32),
-    dict(fwd_block_l=16, fwd_programs_per_sm=64, bwd_programs_per_sm=128),
-    dict(fwd_block_d=64, fwd_warps=2, bwd_block_d=64, bwd_warps=2),
+    dict(bwd_block_l=4),
+    dict(bwd_programs_per_sm=32),
+    dict(bwd_programs_per_sm=128),
 ]
 SWEEP_LENGTH = 16384
 
