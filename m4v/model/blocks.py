@@ -15,11 +15,12 @@ from torch import Tensor, nn
 
 from m4v.config import M4VConfig
 from m4v.model.embeddings import ClipLayout
-from m4v.model.layers import QKV, AdaLN, Mlp, modulate, rotate_video
+from m4v.model.layers import QKV, AdaLN, Mlp, rotate_video
 from m4v.model.mamba import MambaMixer
 from m4v.model.recomposition import SequenceSpec, decompose, joint_to_sequence
 from m4v.model.temporal import TemporalBranch
 from m4v.ops.attention import block_causal_attention
+from m4v.ops.modulation import gated_residual, layer_norm_modulate
 
 NUM_DIRECTIONS = 8
 
@@ -40,10 +41,8 @@ class _Stream(nn.Module):
     def __init__(self, hidden: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.mod = AdaLN(hidden, 6)
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = QKV(hidden, heads)
         self.proj = nn.Linear(hidden, hidden)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden, mlp_ratio)
 
 
@@ -61,15 +60,15 @@ class MMDiTBlock(nn.Module):
         for s, x in ((self.text, text), (self.video, video)):
             m = s.mod(c)  # shift, scale, gate (attention); shift, scale, gate (MLP)
             mods.append(m)
-            qkvs.append(s.qkv(modulate(s.norm1(x), m[0], m[1])))
+            qkvs.append(s.qkv(layer_norm_modulate(x, m[0], m[1])))
         qkv = tuple(torch.cat([a, b], dim=2) for a, b in zip(*qkvs, strict=True))
         attn = joint_attention(qkv, layout, rope, text_mask)
         lt = layout.text_len
         out = []
         for s, x, m, a in ((self.text, text, mods[0], attn[:, :lt]),
                            (self.video, video, mods[1], attn[:, lt:])):
-            x = x + m[2][:, None] * s.proj(a)
-            x = x + m[5][:, None] * s.mlp(modulate(s.norm2(x), m[3], m[4]))
+            x = gated_residual(x, m[2], s.proj(a))
+            x = gated_residual(x, m[5], s.mlp(layer_norm_modulate(x, m[3], m[4])))
             out.append(x)
         return out[0], out[1]
 
@@ -82,7 +81,6 @@ class MMDiMBlock(nn.Module):
         d = cfg.hidden_size
         self.cfg = cfg
         self.direction = layer_idx % NUM_DIRECTIONS if cfg.mm_recomposition else None
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         if cfg.mixer == "mamba":
             self.mixer = MambaMixer(d, cfg.d_state, cfg.expand, cfg.d_conv, cfg.dt_rank,
                                     cfg.scan_backend)
@@ -93,7 +91,6 @@ class MMDiMBlock(nn.Module):
         self.temporal = (TemporalBranch(d, cfg.temporal_dim, cfg.temporal_heads)
                          if cfg.temporal_branch else None)
         self.mlp = Mlp(d, cfg.mlp_ratio) if cfg.mlp_ratio > 0 else None
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6) if self.mlp else None
         # shift, scale, gate for the mixer [+ gate of the temporal branch]
         # [+ shift, scale, gate of the MLP]
         self.mod = AdaLN(d, 3 + (self.temporal is not None) + 3 * (self.mlp is not None))
@@ -118,13 +115,14 @@ class MMDiMBlock(nn.Module):
         lt = layout.text_len
         mods = iter(self.mod(c))
         shift, scale, gate = next(mods), next(mods), next(mods)
-        h = modulate(self.norm1(torch.cat([text, video], dim=1)), shift, scale)
+        h = layer_norm_modulate(torch.cat([text, video], dim=1), shift, scale)
         mixed_text, mixed_video = self.mix(h, layout, rope, text_mask)
-        text, video = text + gate[:, None] * mixed_text, video + gate[:, None] * mixed_video
+        text = gated_residual(text, gate, mixed_text)
+        video = gated_residual(video, gate, mixed_video)
         if self.temporal is not None:
-            video = video + next(mods)[:, None] * self.temporal(h[:, lt:], layout)
+            video = gated_residual(video, next(mods), self.temporal(h[:, lt:], layout))
         x = torch.cat([text, video], dim=1)
         if self.mlp is not None:
             shift, scale, gate = next(mods), next(mods), next(mods)
-            x = x + gate[:, None] * self.mlp(modulate(self.norm2(x), shift, scale))
+            x = gated_residual(x, gate, self.mlp(layer_norm_modulate(x, shift, scale)))
         return x[:, :lt], x[:, lt:]

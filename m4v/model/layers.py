@@ -1,4 +1,5 @@
-"""Small layers shared by the blocks: adaLN modulation, MLP, attention heads with QK-norm + RoPE."""
+"""Small layers shared by the blocks: adaLN, MLP, attention heads with QK-norm + RoPE (the
+modulation and the gated residual are fused ops: :mod:`m4v.ops.modulation`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,6 @@ import torch
 from torch import Tensor, nn
 
 from m4v.model.rope import apply_rope
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x (b, L, d), shift/scale (b, d)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class AdaLN(nn.Module):

@@ -15,22 +15,22 @@ from torch.utils.checkpoint import checkpoint
 from m4v.config import M4VConfig
 from m4v.model.blocks import MMDiMBlock, MMDiTBlock
 from m4v.model.embeddings import ClipLayout, MLPEmbedder, TimestepEmbedder, patchify, unpatchify
-from m4v.model.layers import AdaLN, modulate
+from m4v.model.layers import AdaLN
 from m4v.model.rope import rope_cos_sin
+from m4v.ops.modulation import layer_norm_modulate
 
 
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int, patch_dim: int):
         super().__init__()
         self.mod = AdaLN(hidden, 2)
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden, patch_dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.mod(c)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(layer_norm_modulate(x, shift, scale))
 
 
 class M4V(nn.Module):
