@@ -112,7 +112,8 @@ def measure(mods: dict, lengths: list[int], programs_per_sm: list[int], repeats:
         for name, m in mods.items():
             out = m.scan_forward(*args, True, False, m.DEFAULT_CONFIG)[0].float()
             res["rel_diff_vs_first"][f"{name}@{length}"] = ((out - ref).norm() / ref.norm()).item()
-            for pps in programs_per_sm:
+            # the backward is timed at the variant's default chunking: always among them
+            for pps in sorted({*programs_per_sm, m.DEFAULT_CONFIG.fwd_programs_per_sm}):
                 row, kernels = time_variant(m, args, dout, pps, repeats)
                 row = dict(variant=name, length=length, **row)
                 if kernels is not None:
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("variants", nargs="+", metavar="NAME=SPEC")
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
-    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[25, 32, 50])
+    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[23, 32, 46])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "scan_ab_gpu.json")
     args = p.parse_args(argv)

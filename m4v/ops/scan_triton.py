@@ -300,7 +300,9 @@ def _bc_tile(ptr, bc_base, tile, n, cols, n_tiles, BLOCK_L: tl.constexpr):
     each load right before its use and the forward waited on them: 1.15-1.42x slower with bf16
     copies, 1.4-1.6x with float32 ones (H200, 16k and 64k steps); L1 prefetches of the next tile
     (``prefetch.global.L1``, ``CCTL.E.PF1``) made that layout 1.5-1.8x slower still
-    (reports/benchmarks/scan_ab_gpu_bc_layout.json)."""
+    (reports/benchmarks/scan_ab_gpu_bc_layout.json). float32 copies for the chunk-summary and
+    backward kernels alone take 7-11% of their instructions (the widening) but were 3% slower
+    forward+backward (scan_gpu_bc32.json)."""
     return tl.load(ptr + bc_base + n * (n_tiles * BLOCK_L) + tile * BLOCK_L + cols).to(tl.float32)
 
 
