@@ -167,7 +167,7 @@ def conv_case(block, layout, device, dtype, backend: str):
     return fwd, forward_backward(lambda: op(leaf), [leaf], list(conv.parameters()))
 
 
-def top_kernels(fn, device, iters: int = 2, k: int = 15) -> list[dict]:
+def top_kernels(fn, device, iters: int = 2, k: int = 40) -> list[dict]:
     """The ``k`` GPU kernels (and copies) with the most time per call of ``fn``."""
     per_name: dict[str, list] = {}
     for e in cuda_kernel_events(fn, device, iters):

@@ -10,9 +10,10 @@ two, and the backward adds broadcast multiplies and sums over the sequence: in t
 on 16 full 768p frames (61,568 tokens x 1920) PyTorch's broadcast multiply kernel alone took
 3.0 ms of the forward and backward's 60 on an H200 (13 launches;
 reports/benchmarks/block_gpu_triton_unfused.json). Here each op is one Triton kernel forward and
-one backward (that block: 53.8 ms instead of 57.8, block_gpu_triton.json); the backward's sums
-over the sequence are partial sums per run of rows, reduced with ``torch.sum`` (deterministic).
-On the CPU, and as the reference the kernels are tested against, the PyTorch composition runs.
+one backward (that block: 53.8 and 54.3 ms in two runs instead of 57.8, block_gpu_triton.json);
+the backward's sums over the sequence are partial sums per run of rows, reduced with
+``torch.sum`` (deterministic). On the CPU, and as the reference the kernels are tested against,
+the PyTorch composition runs.
 
 Shapes: x, y, out (b, L, d); shift, scale, gate (b, d). Maths in float32; the output has the
 inputs' promoted dtype (under autocast the LayerNorm is no longer promoted to float32 alone: its
