@@ -36,14 +36,14 @@ BWD_PROGRAMS = 2048
 
 def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm(x) (no affine) * (1 + scale) + shift: x (b, L, d); shift, scale (b, d)."""
-    if x.is_cuda:
+    if x.is_cuda and x.numel():
         return _LayerNormModulate.apply(x, shift, scale, eps)
     return layer_norm_modulate_torch(x, shift, scale, eps)
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     """x + gate * y: x, y (b, L, d); gate (b, d)."""
-    if x.is_cuda:
+    if x.is_cuda and x.numel():
         return _GatedResidual.apply(x, gate, y)
     return gated_residual_torch(x, gate, y)
 
