@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from m4v.ops import causal_conv1d_silu
 from m4v.ops.causal_conv import causal_conv1d_silu_torch, resolve_backend
@@ -187,11 +185,7 @@ def test_kernels_in_interpreter():
     """Forward and backward kernels on the CPU in Triton's interpreter (which is chosen when the
     kernels are defined, hence a fresh process): float32, bfloat16 and float16, with and without
     bias, k = 2, 3, 4; padding channels and steps, several tiles and runs of tiles."""
-    code = INTERPRETED.format(tests=str(Path(__file__).parent))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 @pytest.mark.gpu

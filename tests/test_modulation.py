@@ -3,13 +3,9 @@ PyTorch path on the CPU, the Triton kernels in Triton's interpreter and on CUDA.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from m4v.ops.modulation import (
     _GatedResidual,
@@ -88,11 +84,7 @@ check(ln, gr, make_case(1, 9, 16, (f32, bf16, bf16), seed=3), 1e-2)
 def test_kernels_in_interpreter():
     """The Triton kernels on the CPU in Triton's interpreter (chosen when the kernels are
     defined, hence a fresh process)."""
-    code = INTERPRETED.format(tests=str(Path(__file__).parent))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 @pytest.mark.gpu

@@ -8,14 +8,10 @@ are the kernel's fp32 arithmetic and the rounding of its outputs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 
 pytest.importorskip("triton")
 from m4v.ops.scan_triton import ScanKernelConfig, chunk_tiles, selective_scan_triton  # noqa: E402
@@ -240,11 +236,7 @@ def test_kernels_in_interpreter():
     """Forward and backward kernels on the CPU in Triton's interpreter (which is chosen when
     the kernels are defined, hence a fresh process): several tiles and chunks of steps, one or
     two channel blocks with padding, the model's strided u and z."""
-    code = INTERPRETED.format(tests=str(Path(__file__).parent))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 @pytest.mark.parametrize("n_tiles, rows, target, per_chunk", [
