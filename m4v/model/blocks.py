@@ -25,6 +25,13 @@ from m4v.ops.modulation import gated_residual, layer_norm_modulate
 NUM_DIRECTIONS = 8
 
 
+def split_text_video(x: Tensor, text_len: int) -> tuple[Tensor, Tensor]:
+    """The text and video parts (views) of a joint (b, Lt + Lv, ...) stream. ``split`` rather
+    than two slices: a slice's backward fills a zero tensor of the whole stream and copies its
+    part in, and the stream's gradient then adds the two; split's backward is one concatenation."""
+    return x.split([text_len, x.shape[1] - text_len], dim=1)
+
+
 def joint_attention(qkv: tuple[Tensor, Tensor, Tensor], layout: ClipLayout, rope, text_mask):
     """Block-causal attention with RoPE on the video tokens: -> (b, Lt + Lv, d)."""
     q, k, v = qkv
@@ -63,10 +70,9 @@ class MMDiTBlock(nn.Module):
             qkvs.append(s.qkv(layer_norm_modulate(x, m[0], m[1])))
         qkv = tuple(torch.cat([a, b], dim=2) for a, b in zip(*qkvs, strict=True))
         attn = joint_attention(qkv, layout, rope, text_mask)
-        lt = layout.text_len
         out = []
-        for s, x, m, a in ((self.text, text, mods[0], attn[:, :lt]),
-                           (self.video, video, mods[1], attn[:, lt:])):
+        for s, x, m, a in zip((self.text, self.video), (text, video), mods,
+                              split_text_video(attn, layout.text_len), strict=True):
             x = gated_residual(x, m[2], s.proj(a))
             x = gated_residual(x, m[5], s.mlp(layer_norm_modulate(x, m[3], m[4])))
             out.append(x)
@@ -105,7 +111,7 @@ class MMDiMBlock(nn.Module):
         (b, Lv, d)."""
         if self.cfg.mixer == "attention":
             out = self.proj(joint_attention(self.qkv(x), layout, rope, text_mask))
-            return out[:, : layout.text_len], out[:, layout.text_len:]
+            return split_text_video(out, layout.text_len)
         spec = self.sequence_spec(layout)
         return decompose(self.mixer(joint_to_sequence(x, text_mask, self.register, spec)),
                          text_mask, spec)
@@ -120,9 +126,10 @@ class MMDiMBlock(nn.Module):
         text = gated_residual(text, gate, mixed_text)
         video = gated_residual(video, gate, mixed_video)
         if self.temporal is not None:
-            video = gated_residual(video, next(mods), self.temporal(h[:, lt:], layout))
+            h_video = split_text_video(h, lt)[1]
+            video = gated_residual(video, next(mods), self.temporal(h_video, layout))
         x = torch.cat([text, video], dim=1)
         if self.mlp is not None:
             shift, scale, gate = next(mods), next(mods), next(mods)
             x = gated_residual(x, gate, self.mlp(layer_norm_modulate(x, shift, scale)))
-        return x[:, :lt], x[:, lt:]
+        return split_text_video(x, lt)
