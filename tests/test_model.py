@@ -1,5 +1,6 @@
 """The M4V model: re-composition, switches, causality, attention mask, RoPE, scale, overfit."""
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from m4v.config import M4VConfig
 from m4v.model import M4V
 from m4v.model.blocks import MMDiMBlock
 from m4v.model.embeddings import ClipLayout, patchify, unpatchify
-from m4v.model.mamba import MambaMixer, weight_first
+from m4v.model.mamba import MambaMixer, channels_to_rows, rows_to_channels, weight_first
 from m4v.model.recomposition import SequenceSpec, decompose, recompose, video_scan_index
 from m4v.model.rope import apply_rope, axis_positions, rope_cos_sin, video_positions
 from m4v.model.temporal import (
@@ -232,6 +233,56 @@ def test_weight_first_under_autocast_casts_the_weight_once():
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layout_crossing_projections_match_einsum_values_and_gradients(batch):
+    """in_proj / out_proj products with hand-written backward passes against einsum under plain
+    autograd, float64: values, the gradients of input and weight (one part unused, so its
+    gradient is None), and dense results both ways."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b, c = rows_to_channels(x, w, 3)
+    want = torch.einsum("oi,bli->bol", w, x).chunk(3, dim=1)
+    for got, ref in zip((a, b, c), want, strict=True):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, ref)
+    wa, wc = torch.randn(a.shape, generator=g, dtype=torch.float64), torch.randn(
+        c.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((a * wa).sum() + (c * wc).sum(), (x, w))
+    refs = torch.autograd.grad((want[0] * wa).sum() + (want[2] * wc).sum(), (x, w))
+    assert grads[0].is_contiguous()
+    for got, ref in zip(grads, refs, strict=True):
+        torch.testing.assert_close(got, ref)
+
+    y = torch.randn(batch, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    out = channels_to_rows(y, w)
+    ref = torch.einsum("bil,oi->blo", y, w)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref)
+    wo = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * wo).sum(), (y, w))
+    assert grads[0].is_contiguous()
+    for got, r in zip(grads, torch.autograd.grad((ref * wo).sum(), (y, w)), strict=True):
+        torch.testing.assert_close(got, r)
+
+
+def test_layout_crossing_projections_under_autocast_give_gradients_in_the_inputs_dtypes():
+    x = torch.randn(2, 7, 5, requires_grad=True)
+    w = torch.randn(6, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = rows_to_channels(x, w, 2)
+        out = channels_to_rows(a, w[:3, :3].contiguous())
+    assert a.dtype == out.dtype == torch.bfloat16
+    dx, dw = torch.autograd.grad(out.float().sum() + b.float().sum(), (x, w))
+    assert dx.dtype == dw.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    a64, b64 = torch.einsum("oi,bli->bol", w64, x64).chunk(2, dim=1)
+    ref = torch.autograd.grad(torch.einsum("bil,oi->blo", a64, w64[:3, :3]).sum() + b64.sum(),
+                              (x64, w64))
+    torch.testing.assert_close(dx.double(), ref[0], rtol=3e-2, atol=0.3)
+    torch.testing.assert_close(dw.double(), ref[1], rtol=3e-2, atol=0.3)
+
+
 def test_block_causal_attention_matches_dense_mask():
     g = torch.Generator().manual_seed(0)
     lt, frames = 3, [4, 4, 8]
@@ -370,6 +421,37 @@ def test_tiny_overfits_one_sample():
         losses.append(loss.item())
     print(f"overfit: loss {losses[0]:.4f} -> {losses[-1]:.5f}")
     assert losses[-1] < losses[0] / 10
+
+
+@pytest.mark.gpu
+def test_model_on_cuda_matches_float64_on_cpu():
+    """Every op the model runs differently on CUDA (the fused adaLN kernels, the joint stream's
+    partial residual, the projections' and re-composition's hand-written backward passes on
+    CUDA tensors) against the float64 CPU model: output and every parameter's gradient."""
+    cfg = TINY.replace(scan_backend="torch")
+    model = randomize_zero_params(M4V(cfg))
+    inputs = make_inputs(cfg, sizes=((2, 2), (4, 4), (8, 8), (8, 8)))
+
+    def run(m, device, dtype):
+        args = {k: [f.to(device, dtype) for f in v] if k == "frames"
+                else v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point()
+                else v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        out = m(**args)
+        out.square().mean().backward()
+        return out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    # Separate copies: converting a module converts its gradients in place too.
+    ref_out, ref = run(copy.deepcopy(model).double(), "cpu", torch.float64)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        out, got = run(model.float().cuda(), "cuda", torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert got.keys() == ref.keys()
+    for name, a, b in [("out", out, ref_out)] + [(n, got[n], ref[n]) for n in ref]:
+        err = (a.double().cpu() - b).norm() / b.norm().clamp_min(1e-12)
+        assert err < 1e-4, (name, err.item())
 
 
 @pytest.mark.gpu
