@@ -160,7 +160,9 @@ def analytic_count(cfg: M4VConfig, layout: ClipLayout, batch: int = 1) -> Tally:
     if cfg.temporal_branch:
         c = cfg.temporal_dim
         tokens, cells = temporal_tokens(layout)
-        temporal = lv * d * 3 * c + attention_macs(tokens * tokens, c * cells) + lv * c * d
+        # q, k, v are projected on the whole joint stream, the text rows then dropped (see
+        # TemporalBranch.forward)
+        temporal = joint * d * 3 * c + attention_macs(tokens * tokens, c * cells) + lv * c * d
         core.add("temporal", 2 * temporal, temporal)
     if cfg.mlp_ratio > 0:
         mlp = joint * 2 * d * int(d * cfg.mlp_ratio)

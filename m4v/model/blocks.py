@@ -17,7 +17,7 @@ from m4v.config import M4VConfig
 from m4v.model.embeddings import ClipLayout
 from m4v.model.layers import QKV, AdaLN, Mlp, rotate_video
 from m4v.model.mamba import MambaMixer
-from m4v.model.recomposition import SequenceSpec, decompose, joint_to_sequence
+from m4v.model.recomposition import SequenceSpec, joint_to_sequence, sequence_to_joint
 from m4v.model.temporal import TemporalBranch
 from m4v.ops.attention import block_causal_attention
 from m4v.ops.modulation import gated_residual, layer_norm_modulate
@@ -105,30 +105,26 @@ class MMDiMBlock(nn.Module):
         return SequenceSpec(layout.frame_sizes, self.direction, self.cfg.registers,
                             self.cfg.text_recomposition)
 
-    def mix(self, x: Tensor, layout: ClipLayout, rope, text_mask: Tensor
-            ) -> tuple[Tensor, Tensor]:
-        """The token mixer over the joint stream x (b, Lt + Lv, d) -> text (b, Lt, d), video
-        (b, Lv, d)."""
+    def mix(self, x: Tensor, layout: ClipLayout, rope, text_mask: Tensor) -> Tensor:
+        """The token mixer over the joint stream: x (b, Lt + Lv, d) -> (b, Lt + Lv, d)."""
         if self.cfg.mixer == "attention":
-            out = self.proj(joint_attention(self.qkv(x), layout, rope, text_mask))
-            return split_text_video(out, layout.text_len)
+            return self.proj(joint_attention(self.qkv(x), layout, rope, text_mask))
         spec = self.sequence_spec(layout)
-        return decompose(self.mixer(joint_to_sequence(x, text_mask, self.register, spec)),
-                         text_mask, spec)
+        return sequence_to_joint(
+            self.mixer(joint_to_sequence(x, text_mask, self.register, spec)), text_mask, spec)
 
     def forward(self, text: Tensor, video: Tensor, c: Tensor, layout: ClipLayout, rope,
                 text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        # One stream inside the block: the one concatenation (and, backwards, the split's) is
+        # that of its inputs; every residual updates the joint stream in place of two halves.
         lt = layout.text_len
         mods = iter(self.mod(c))
         shift, scale, gate = next(mods), next(mods), next(mods)
-        h = layer_norm_modulate(torch.cat([text, video], dim=1), shift, scale)
-        mixed_text, mixed_video = self.mix(h, layout, rope, text_mask)
-        text = gated_residual(text, gate, mixed_text)
-        video = gated_residual(video, gate, mixed_video)
-        if self.temporal is not None:
-            h_video = split_text_video(h, lt)[1]
-            video = gated_residual(video, next(mods), self.temporal(h_video, layout))
         x = torch.cat([text, video], dim=1)
+        h = layer_norm_modulate(x, shift, scale)
+        x = gated_residual(x, gate, self.mix(h, layout, rope, text_mask))
+        if self.temporal is not None:  # updates the video rows only
+            x = gated_residual(x, next(mods), self.temporal(h, layout), start=lt)
         if self.mlp is not None:
             shift, scale, gate = next(mods), next(mods), next(mods)
             x = gated_residual(x, gate, self.mlp(layer_norm_modulate(x, shift, scale)))

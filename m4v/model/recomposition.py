@@ -15,14 +15,19 @@ Either copy alone would drop one direction of the fusion from the text stream; t
 and is what the next layer's prepended copy then carries. Without text re-composition the text
 stream is the prepended copy alone.
 
-Cost. Both directions are row gathers. Every row of S reads one row of the joint stream
-``[text, video]`` (b, Lt + Lv, d) flattened, of a zero row (text padding) or of the register, so
-building S is one ``index_select`` from the rows padded with [zero, register]; the way back is one
-``index_select`` of S for the video and two small ones (the text copies, Lt rows each). Each
-direction is a single autograd node whose backward is again a gather (never a scatter-add: no
-atomics, deterministic). The row tables depend on the text mask and the spec: they are built on
-the device once per (mask, spec) and reused by every block of a forward that sees the same mask
-(a pageable host-to-device copy per call would stall the launch queue).
+Cost. Both directions are row gathers, and each one's backward is the other's gather. Every
+row of S reads one row of the joint stream ``[text, video]`` (b, Lt + Lv, d) flattened (table
+``compose``); the text padding slots are then zeroed and the register written into its rows (a
+few rows each, in place). The way back reads every joint row from its row of S (table ``first``:
+T_pre for the text), the text then averaged with its T_app rows. The block takes the joint
+stream back whole, for one gated residual over text and video. Each direction is a single
+autograd node (never a scatter-add: no atomics, deterministic) and no full-size copy is made
+besides the gathers themselves: the stream padded with a zero row and the register row, text and
+video gradients concatenated into one source, or the two streams apart (a concatenation for the
+MLP after them) would each copy the whole stream, a pass over 236 MB in the 768p block. The row
+tables depend on the text mask and the spec: they are built on the device once per (mask, spec)
+and reused by every block of a forward that sees the same mask (a pageable host-to-device copy
+per call would stall the launch queue).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -92,15 +96,15 @@ def text_orders(text_mask: Tensor) -> tuple[Tensor, Tensor]:
 @dataclass(frozen=True, eq=False)
 class SequenceIndex:
     """Row tables of one (text mask, spec) on one device. Rows are flat: S (b, L_S, d) as b L_S
-    rows; the joint stream (b, Lt + Lv, d) as b (Lt + Lv) rows followed by a zero row and the
-    register row; the two streams apart as b Lt text rows, b Lv video rows and a zero row."""
+    rows, the joint stream (b, Lt + Lv, d) as b (Lt + Lv) rows."""
 
-    compose: Tensor  # (b L_S,) row read by each row of S (padding -> zero, register slots)
-    compose_adjoint: Tensor  # (b L_S,) stream row that reads each row of S back (registers: zero)
+    compose: Tensor  # (b L_S,) joint row read by each row of S (registers: any, overwritten)
+    pre_padding: Tensor  # (b, Lt, 1) bool: T_pre slots that are padding (zeroed)
+    app_padding: Tensor | None  # (b, Lt, 1) bool: the same for T_app
     first: Tensor  # (b (Lt + Lv),) row of S holding each joint row (T_pre for the text)
     text_first: Tensor  # (b Lt,) the text part of ``first``
-    video_first: Tensor  # (b Lv,) the video part of ``first``
     appended: Tensor | None  # (b Lt,) row of S holding each text slot's T_app copy
+    text_rows: Tensor  # (b Lt,) the joint rows of the text slots
     registers: Tensor | None  # (b frames,) rows of S holding the register
     mask: Tensor  # (b, Lt, 1) bool
     seq_len: int
@@ -123,30 +127,24 @@ def sequence_index(text_mask: Tensor, spec: SequenceSpec) -> SequenceIndex:
     lm, lv = forward.numel(), inverse.numel()
     lj = lt + lv
     ls = lt + lm + (lt if spec.text_recomposition else 0)
-    # the zero row comes after the b (Lt + Lv) token rows in both flat layouts (joint, streams)
-    zero, register = b * lj, b * lj + 1
     joint0 = torch.arange(b, device=device)[:, None] * lj  # (b, 1) first joint row of a sample
     seq0 = torch.arange(b, device=device)[:, None] * ls
-    text0 = torch.arange(b, device=device)[:, None] * lt  # first text / video row of a
-    video0 = b * lt + torch.arange(b, device=device)[:, None] * lv  # sample, streams apart
     left, right = text_orders(text_mask)
-    is_register = (forward == 0)[None]
-    video_token = (forward - 1).clamp(min=0)[None]
-    compose = [torch.where(text_mask.gather(1, left), joint0 + left, zero),
-               torch.where(is_register, register, joint0 + lt + video_token)]
-    adjoint = [text0 + left, torch.where(is_register, zero, video0 + video_token)]
+    video_token = (forward - 1).clamp(min=0)[None]  # registers read token 0, then overwritten
+    compose = [joint0 + left, joint0 + lt + video_token]
     if spec.text_recomposition:
-        compose.append(torch.where(text_mask.gather(1, right), joint0 + right, zero))
-        adjoint.append(text0 + right)
+        compose.append(joint0 + right)
     text_first = seq0 + torch.argsort(left, dim=1)
     video_first = seq0 + lt + inverse[None]
     return SequenceIndex(
         compose=torch.cat(compose, 1).flatten(),
-        compose_adjoint=torch.cat(adjoint, 1).flatten(),
+        pre_padding=~text_mask.gather(1, left)[..., None],
+        app_padding=~text_mask.gather(1, right)[..., None] if spec.text_recomposition else None,
         first=torch.cat([text_first, video_first], 1).flatten(),
-        text_first=text_first.flatten(), video_first=video_first.flatten(),
+        text_first=text_first.flatten(),
         appended=((seq0 + lt + lm + torch.argsort(right, dim=1)).flatten()
                   if spec.text_recomposition else None),
+        text_rows=(joint0 + torch.arange(lt, device=device)).flatten(),
         registers=(seq0 + lt + register_at[None]).flatten() if spec.registers else None,
         mask=text_mask[..., None], seq_len=ls,
     )
@@ -166,14 +164,20 @@ def _rows(x: Tensor) -> Tensor:
 class _JointToSequence(torch.autograd.Function):
     # Index tensors are arguments (not a SequenceIndex) so that TorchScript can trace the call.
     @staticmethod
-    def forward(ctx, x, register, mask, compose, first, appended, registers):
+    def forward(ctx, x, register, mask, compose, pre_padding, app_padding, first, appended,
+                registers):
         ctx.save_for_backward(mask, first, appended, registers)
         ctx.x_shape = x.shape
         ctx.register_dtype = None if register is None else register.dtype
-        padded = F.pad(_rows(x), (0, 0, 0, 2))  # + a zero row + the register row
+        b, lt, d = x.shape[0], mask.shape[1], x.shape[-1]
+        seq = _rows(x).index_select(0, compose)
         if register is not None:
-            padded[-1] = register.to(x.dtype)
-        return padded.index_select(0, compose).view(x.shape[0], -1, x.shape[-1])
+            seq[registers] = register.to(x.dtype)
+        seq = seq.view(b, -1, d)
+        seq[:, :lt].masked_fill_(pre_padding, 0)
+        if app_padding is not None:
+            seq[:, -lt:].masked_fill_(app_padding, 0)
+        return seq
 
     @staticmethod
     @once_differentiable
@@ -188,31 +192,37 @@ class _JointToSequence(torch.autograd.Function):
         dreg = None
         if ctx.register_dtype is not None and ctx.needs_input_grad[1]:
             dreg = grad.index_select(0, registers).sum(0).to(ctx.register_dtype)
-        return dx, dreg, None, None, None, None, None
+        return dx, dreg, None, None, None, None, None, None, None
 
 
-class _SequenceToStreams(torch.autograd.Function):
-    # out of place only: TorchScript's tracer (fvcore) fails on in-place updates in here
+class _SequenceToJoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, seq, compose_adjoint, text_first, video_first, appended):
-        ctx.save_for_backward(compose_adjoint)
+    def forward(ctx, seq, first, text_first, appended, text_rows, compose, registers):
+        ctx.save_for_backward(compose, registers)
         ctx.seq_shape = seq.shape
+        ctx.lt = text_first.numel() // seq.shape[0]
         ctx.two_copies = appended is not None
         rows = _rows(seq)
-        b, d = seq.shape[0], seq.shape[-1]
-        text = rows.index_select(0, text_first)
-        if appended is not None:  # the mean of the two copies
-            text = torch.lerp(text, rows.index_select(0, appended), 0.5)
-        return text.view(b, -1, d), rows.index_select(0, video_first).view(b, -1, d)
+        joint = rows.index_select(0, first)
+        if appended is not None:  # the text rows become the mean of the two copies (few rows)
+            # in place through an index, not through a view: TorchScript's tracer (fvcore)
+            # fails on in-place updates of views in here
+            joint.index_copy_(0, text_rows, torch.lerp(
+                rows.index_select(0, text_first), rows.index_select(0, appended), 0.5))
+        return joint.view(seq.shape[0], -1, seq.shape[-1])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dtext: Tensor, dvideo: Tensor):
-        (compose_adjoint,) = ctx.saved_tensors
+    def backward(ctx, grad: Tensor):
+        compose, registers = ctx.saved_tensors
+        lt = ctx.lt
+        dseq = _rows(grad).index_select(0, compose).view(ctx.seq_shape)
         if ctx.two_copies:
-            dtext = 0.5 * dtext
-        rows = torch.cat([_rows(dtext), _rows(dvideo), dvideo.new_zeros(1, dvideo.shape[-1])])
-        return rows.index_select(0, compose_adjoint).view(ctx.seq_shape), None, None, None, None
+            dseq[:, :lt].mul_(0.5)
+            dseq[:, -lt:].mul_(0.5)
+        if registers is not None:
+            dseq.view(-1, dseq.shape[-1]).index_fill_(0, registers, 0)
+        return dseq, None, None, None, None, None, None
 
 
 def joint_to_sequence(x: Tensor, text_mask: Tensor, register: Tensor | None,
@@ -233,19 +243,27 @@ def joint_to_sequence(x: Tensor, text_mask: Tensor, register: Tensor | None,
                          f"+ {lv} video tokens for this spec")
     ix = _index_of(text_mask, spec, x.device)
     return _JointToSequence.apply(x, register if spec.registers else None, ix.mask_as(x.dtype),
-                                  ix.compose, ix.first, ix.appended, ix.registers)
+                                  ix.compose, ix.pre_padding, ix.app_padding, ix.first,
+                                  ix.appended, ix.registers)
 
 
-def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tensor, Tensor]:
+def sequence_to_joint(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> Tensor:
     """Inverse of :func:`joint_to_sequence`: exact for the video, the averaging rule for the
-    text. seq (b, L_S, d) -> text (b, Lt, d) in slot order, video (b, Lv, d) frames in raster
-    order."""
+    text. seq (b, L_S, d) -> the joint stream (b, Lt + Lv, d): text in slot order, then the
+    video, frames in raster order."""
     ix = _index_of(text_mask, spec, seq.device)
     if seq.shape[1] != ix.seq_len:
         raise ValueError(f"seq: got length {seq.shape[1]}, expected {ix.seq_len} for this spec "
                          f"and {text_mask.shape[1]} text slots")
-    return _SequenceToStreams.apply(seq, ix.compose_adjoint, ix.text_first, ix.video_first,
-                                    ix.appended)
+    return _SequenceToJoint.apply(seq, ix.first, ix.text_first, ix.appended, ix.text_rows,
+                                  ix.compose, ix.registers)
+
+
+def decompose(seq: Tensor, text_mask: Tensor, spec: SequenceSpec) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_to_joint` as text (b, Lt, d) and video (b, Lv, d), apart."""
+    joint = sequence_to_joint(seq, text_mask, spec)
+    lt = text_mask.shape[1]
+    return joint[:, :lt], joint[:, lt:]
 
 
 def recompose(text: Tensor, text_mask: Tensor, video: Tensor, register: Tensor | None,

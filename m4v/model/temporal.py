@@ -120,13 +120,19 @@ class TemporalBranch(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * dim)
         self.proj = nn.Linear(dim, hidden)
 
-    def forward(self, video: Tensor, layout: ClipLayout) -> Tensor:
-        """video (b, Lv, hidden), already modulated -> (b, Lv, hidden) update of the video."""
+    def forward(self, x: Tensor, layout: ClipLayout) -> Tensor:
+        """x (b, Lt + Lv, hidden), the block's joint stream, already modulated -> (b, Lv, hidden)
+        update of the video.
+
+        The text rows are projected too, and dropped: Lt of Lt + Lv rows, so that the gradient
+        of x comes back from the projection as one dense tensor. Given the video alone, a view
+        of the joint stream, that gradient would be zero-padded to the whole stream (a copy)."""
         grid = temporal_grid(layout.frame_sizes)
         # one layout pass for q, k and v: channels are the outer index of a token's values
-        q, k, v = frame_level_tokens(self.qkv(video), layout, grid).chunk(3, dim=-1)
+        qkv = self.qkv(x)[:, layout.text_len:]
+        q, k, v = frame_level_tokens(qkv, layout, grid).chunk(3, dim=-1)
         history = len(layout.frame_sizes) - 1
-        mask = frame_causal_mask(history, q.shape[1] - history, video.device)
+        mask = frame_causal_mask(history, q.shape[1] - history, x.device)
         b, n, s = q.shape
         # Heads split the channel axis: each head sees c/heads channels over the whole grid.
         split = lambda t: t.reshape(b, n, self.heads, s // self.heads).transpose(1, 2)

@@ -41,11 +41,14 @@ def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e
     return layer_norm_modulate_torch(x, shift, scale, eps)
 
 
-def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """x + gate * y: x, y (b, L, d); gate (b, d)."""
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor, start: int = 0) -> Tensor:
+    """x + gate * y on the rows of x from ``start`` on (the rows y covers); the rows before pass
+    through. x (b, L, d); y (b, L - start, d); gate (b, d). A branch that updates only the last
+    rows of a joint stream (the video after the text) so updates it in one pass, with neither a
+    padded y nor the stream split and joined again."""
     if x.is_cuda and x.numel():
-        return _GatedResidual.apply(x, gate, y)
-    return gated_residual_torch(x, gate, y)
+        return _GatedResidual.apply(x, gate, y, start)
+    return gated_residual_torch(x, gate, y, start)
 
 
 def layer_norm_modulate_torch(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
@@ -54,7 +57,9 @@ def layer_norm_modulate_torch(x: Tensor, shift: Tensor, scale: Tensor, eps: floa
     return h * (1 + scale[:, None]) + shift[:, None]
 
 
-def gated_residual_torch(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+def gated_residual_torch(x: Tensor, gate: Tensor, y: Tensor, start: int = 0) -> Tensor:
+    if start:
+        return torch.cat([x[:, :start], gated_residual_torch(x[:, start:], gate, y)], 1)
     return x + gate[:, None] * y
 
 
@@ -118,22 +123,24 @@ def _ln_modulate_bwd_kernel(x_ptr, scale_ptr, dout_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
-def _gated_residual_fwd_kernel(x_ptr, gate_ptr, y_ptr, out_ptr, length, dim, x_sb, x_sl,
+def _gated_residual_fwd_kernel(x_ptr, gate_ptr, y_ptr, out_ptr, length, dim, start, x_sb, x_sl,
                                y_sb, y_sl, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     batch, pos = row // length, row % length
     cols = tl.arange(0, BLOCK_D)
     ok = cols < dim
     gate = tl.load(gate_ptr + batch * dim + cols, mask=ok, other=0.0).to(tl.float32)
+    # rows before ``start`` read y as zeros: x passes through
     out = (_row(x_ptr, batch, pos, x_sb, x_sl, cols, ok)
-           + gate * _row(y_ptr, batch, pos, y_sb, y_sl, cols, ok))
+           + gate * _row(y_ptr, batch, pos - start, y_sb, y_sl, cols, ok & (pos >= start)))
     tl.store(out_ptr + row * dim + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gated_residual_bwd_kernel(dout_ptr, gate_ptr, y_ptr, dy_ptr, dgate_ptr, length, dim,
+def _gated_residual_bwd_kernel(dout_ptr, gate_ptr, y_ptr, dy_ptr, dgate_ptr, length, dim, start,
                                d_sb, d_sl, y_sb, y_sl, rows, BLOCK_D: tl.constexpr):
-    """dy = gate dout; the partial sum of dgate = sum_L dout y over this program's rows."""
+    """dy = gate dout; the partial sum of dgate = sum_L dout y over this program's rows (rows of
+    y, ``length`` of them; row ``pos`` of y is row ``start + pos`` of dout)."""
     block, batch = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < dim
@@ -142,7 +149,7 @@ def _gated_residual_bwd_kernel(dout_ptr, gate_ptr, y_ptr, dy_ptr, dgate_ptr, len
     first = block.to(tl.int64) * rows  # 64-bit row offsets
     for pos in range(first, tl.minimum(first + rows, length)):
         row = batch * length + pos
-        dout = _row(dout_ptr, batch, pos, d_sb, d_sl, cols, ok)
+        dout = _row(dout_ptr, batch, start + pos, d_sb, d_sl, cols, ok)
         tl.store(dy_ptr + row * dim + cols, (gate * dout).to(dy_ptr.dtype.element_ty),
                  mask=ok)
         dgate += dout * _row(y_ptr, batch, pos, y_sb, y_sl, cols, ok)
@@ -212,20 +219,22 @@ class _LayerNormModulate(torch.autograd.Function):
 
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, y):
+    def forward(ctx, x, gate, y, start):
         _check(x, "gated_residual", gate)
-        if y.shape != x.shape:
-            raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, "
-                             f"got {tuple(y.shape)}")
         b, length, d = x.shape
+        if not 0 <= start <= length or tuple(y.shape) != (b, length - start, d):
+            raise ValueError(f"gated_residual: y must be (b, L - start, d) = "
+                             f"{(b, length - start, d)} for x {tuple(x.shape)} and start {start}, "
+                             f"got {tuple(y.shape)}")
         x, gate, y = _rows_dense(x), gate.contiguous(), _rows_dense(y)
         out = torch.empty(b, length, d, device=x.device,
                           dtype=torch.promote_types(x.dtype, torch.result_type(gate, y)))
-        _gated_residual_fwd_kernel[(b * length,)](x, gate, y, out, length, d, x.stride(0),
+        _gated_residual_fwd_kernel[(b * length,)](x, gate, y, out, length, d, start, x.stride(0),
                                                    x.stride(1), y.stride(0), y.stride(1),
                                                    **_launch(d))
         ctx.save_for_backward(gate, y)
         ctx.x_dtype = x.dtype
+        ctx.start = start
         return out
 
     @staticmethod
@@ -237,6 +246,6 @@ class _GatedResidual(torch.autograd.Function):
         dy = torch.empty(b, length, d, device=y.device, dtype=y.dtype)
         dgate = torch.empty(b, blocks, d, device=y.device, dtype=torch.float32)
         _gated_residual_bwd_kernel[(blocks, b)](
-            dout, gate, y, dy, dgate, length, d, dout.stride(0), dout.stride(1), y.stride(0),
-            y.stride(1), rows, **_launch(d))
-        return dout.to(ctx.x_dtype), dgate.sum(1).to(gate.dtype), dy
+            dout, gate, y, dy, dgate, length, d, ctx.start, dout.stride(0), dout.stride(1),
+            y.stride(0), y.stride(1), rows, **_launch(d))
+        return dout.to(ctx.x_dtype), dgate.sum(1).to(gate.dtype), dy, None
