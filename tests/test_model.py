@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from m4v.config import M4VConfig
 from m4v.model import M4V
 from m4v.model.blocks import MMDiMBlock
-from m4v.model.embeddings import ClipLayout, patchify, unpatchify
+from m4v.model.embeddings import ClipLayout, patchify, sinusoidal_embedding, unpatchify
+from m4v.model.layers import rms_norm
 from m4v.model.mamba import MambaMixer, channels_to_rows, rows_to_channels, weight_first
 from m4v.model.recomposition import SequenceSpec, decompose, recompose, video_scan_index
 from m4v.model.rope import apply_rope, axis_positions, rope_cos_sin, video_positions
@@ -231,6 +232,35 @@ def test_weight_first_under_autocast_casts_the_weight_once():
         got = weight_first(w, x)
     assert got.dtype == torch.bfloat16 and got.is_contiguous()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_sinusoidal_embedding_matches_formula_in_at_least_float32(dtype):
+    """cos(t w_i) then sin(t w_i), w_i = 10000^(-i / half); bfloat16 noise levels are widened
+    (t x 1000 would lose its fraction), float64 ones kept (float64 reference runs)."""
+    t = torch.tensor([0.0, 0.25, 1.0]).to(dtype) * 1000.0
+    got = sinusoidal_embedding(t, 7)
+    assert got.dtype == torch.promote_types(dtype, torch.float32) and got.shape == (3, 7)
+    w = torch.tensor([10000.0 ** (-i / 3) for i in range(3)], dtype=torch.float64)
+    args = t.double()[:, None] * w
+    want = torch.cat([args.cos(), args.sin(), torch.zeros(3, 1, dtype=torch.float64)], -1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+
+
+def test_qk_rms_norm_matches_formula_and_keeps_the_weights_gradient_float32():
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.RMSNorm(8, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, generator=g)
+    x = torch.randn(2, 3, 5, 8, generator=g)
+    want = x.double() * (x.double().square().mean(-1, keepdim=True) + 1e-6).rsqrt()
+    want = want * norm.weight.double()
+    torch.testing.assert_close(rms_norm(x, norm).double(), want, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rms_norm(x.bfloat16(), norm)
+    assert out.dtype == torch.bfloat16
+    (grad,) = torch.autograd.grad(out.float().sum(), norm.weight)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -62,8 +62,10 @@ def unpatchify(tokens: Tensor, p: int, c: int, h: int, w: int) -> Tensor:
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """(b,) -> (b, dim): the DiT / ADM frequency embedding (cos first, then sin)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)  # at least float32: t is up to 1000
+    freqs = torch.exp(-math.log(max_period) / half
+                      * torch.arange(half, device=t.device, dtype=dtype))
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)

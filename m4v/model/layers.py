@@ -4,6 +4,7 @@ modulation and the gated residual are fused ops: :mod:`m4v.ops.modulation`)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m4v.model.rope import apply_rope
@@ -48,7 +49,13 @@ class QKV(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, length, _ = x.shape
         q, k, v = self.linear(x).reshape(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        return self.q_norm(q), self.k_norm(k), v
+        return rms_norm(q, self.q_norm), rms_norm(k, self.k_norm), v
+
+
+def rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """``norm(x)`` with the weight in x's dtype: under autocast x is bfloat16 and the weight
+    float32, a mix for which PyTorch leaves its fused kernel for a chain of elementwise ones."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
 def rotate_video(t: Tensor, text_len: int, cos: Tensor, sin: Tensor) -> Tensor:
