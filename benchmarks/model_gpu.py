@@ -11,6 +11,9 @@
    tokens/s (all processed tokens: batch x (text + video)) and supervised tokens/s (the current
    frame's video tokens), and peak memory.
 
+Each row also gives the GPU-busy time (the summed kernel durations): where it is well under the
+wall time, the GPU waits for the host to launch work and the configuration is launch-bound.
+
 CUDA events, median of ``--repeats`` after ``--warmup``; the scan backend that ran is recorded.
 
     PYTHONPATH=. python benchmarks/model_gpu.py --out reports/benchmarks/model_gpu.json
@@ -29,6 +32,7 @@ from harness.profile import (
     clip_geometry,
     clip_layout,
     device_name,
+    gpu_busy_ms,
     model_case,
     peak_memory,
     time_fn,
@@ -50,6 +54,7 @@ def forward_latency(preset: str, layout_name: str, geom, device, dtype, warmup, 
             return case()
 
     t = time_fn(fwd, device, warmup=warmup, repeats=repeats)
+    t["gpu_busy_ms"] = gpu_busy_ms(fwd, device)
     t["peak_memory_bytes"] = peak_memory(fwd, device)
     t["parameters"] = sum(p.numel() for p in case.module.parameters())
     t["sequence_tokens"] = layout.text_len + layout.video_len
@@ -77,6 +82,7 @@ def train_step(preset: str, geom, batch: int, checkpointing: bool, device, warmu
         return loss
 
     t = time_fn(step, device, warmup=warmup, repeats=repeats)
+    t["gpu_busy_ms"] = gpu_busy_ms(step, device)
     t["peak_memory_bytes"] = peak_memory(step, device)
     tokens = batch * (layout.text_len + layout.video_len)
     supervised = batch * layout.frame_lens[-1]
@@ -128,23 +134,27 @@ def run(args) -> dict:
 
 def table(out: dict) -> str:
     mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
+
+    def busy(t: dict, digits: int = 2) -> str:
+        return "-" if t.get("gpu_busy_ms") is None else f"{t['gpu_busy_ms']:.{digits}f}"
     lines = [f"{out['device']}, {out['clip']}, scan backend {out['scan_backend']}, median of "
              f"{out['repeats']}", "forward (no grad, " + out["dtype"] + ", batch 1):",
-             f"{'model/layout':<26}{'tokens':>8}{'params':>10}{'ms':>10}{'peak MiB':>10}"]
+             f"{'model/layout':<26}{'tokens':>8}{'params':>10}{'ms':>10}{'GPU ms':>10}"
+             f"{'peak MiB':>10}"]
     for key, t in out["forward"].items():
         if "error" in t:
             lines.append(f"{key:<26}  ERROR {t['error'][:80]}")
             continue
         lines.append(f"{key:<26}{t['sequence_tokens']:>8}{t['parameters'] / 1e9:>9.2f}B"
-                     f"{t['median_ms']:>10.2f}{mib(t['peak_memory_bytes']):>10}")
+                     f"{t['median_ms']:>10.2f}{busy(t):>10}{mib(t['peak_memory_bytes']):>10}")
     lines += ["training step (bf16 autocast, AdamW):",
-              f"{'preset/clip/batch/ckpt':<40}{'ms':>9}{'tokens/s':>12}{'sup. tok/s':>12}"
-              f"{'peak MiB':>10}"]
+              f"{'preset/clip/batch/ckpt':<40}{'ms':>9}{'GPU ms':>9}{'tokens/s':>12}"
+              f"{'sup. tok/s':>12}{'peak MiB':>10}"]
     for key, t in out["train"].items():
         if "error" in t:
             lines.append(f"{key:<40}  ERROR {t['error'][:80]}")
             continue
-        lines.append(f"{key:<40}{t['median_ms']:>9.1f}{t['tokens_per_s']:>12,.0f}"
+        lines.append(f"{key:<40}{t['median_ms']:>9.1f}{busy(t, 1):>9}{t['tokens_per_s']:>12,.0f}"
                      f"{t['supervised_tokens_per_s']:>12,.0f}{mib(t['peak_memory_bytes']):>10}")
     return "\n".join(lines)
 
