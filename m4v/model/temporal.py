@@ -15,6 +15,7 @@ Projections act per position (d -> c and c -> d), so the branch works at any res
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -34,16 +35,16 @@ def temporal_grid(frame_sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     return hs, ws
 
 
-def history_runs(layout: ClipLayout) -> list[tuple[int, int, int, int]]:
-    """Consecutive history frames (all but the current one) of one size, as (first token's
-    offset in the video stream, number of frames, h, w). A pyramid clip has a few runs (13
-    frames at the coarsest level, ...), a flat clip one; each run is handled by one reshape."""
+def history_runs(layout: ClipLayout) -> list[tuple[int, int, int]]:
+    """Consecutive history frames (all but the current one) of one size, as (number of frames,
+    h, w). A pyramid clip has a few runs (13 frames at the coarsest level, ...), a flat clip one;
+    each run is handled by one reshape."""
     runs: list[list[int]] = []
-    for (h, w), off in zip(layout.frame_sizes[:-1], layout.frame_offsets, strict=False):
-        if runs and (runs[-1][2], runs[-1][3]) == (h, w):
-            runs[-1][1] += 1
+    for h, w in layout.frame_sizes[:-1]:
+        if runs and (runs[-1][1], runs[-1][2]) == (h, w):
+            runs[-1][0] += 1
         else:
-            runs.append([off, 1, h, w])
+            runs.append([1, h, w])
     return [tuple(r) for r in runs]
 
 
@@ -53,14 +54,17 @@ def frame_level_tokens(x: Tensor, layout: ClipLayout, grid: tuple[int, int]) -> 
     tokens (token (a, b) holds cells ``[a::k, b::k]``)."""
     b, _, c = x.shape
     hs, ws = grid
+    runs = history_runs(layout)
+    # one split, not a slice per run: a slice's backward is a zero-filled copy of the whole x
+    *parts, cur = x.split([m * h * w for m, h, w in runs] + [math.prod(layout.current_size)], 1)
     tokens = []
-    for off, m, h, w in history_runs(layout):
+    for part, (m, h, _) in zip(parts, runs, strict=True):
         f = h // hs  # the pooling window, f x f cells
-        cells = x[:, off:off + m * h * w].reshape(b, m, hs, f, ws, f, c)
+        cells = part.reshape(b, m, hs, f, ws, f, c)
         cells = cells.mean((3, 5)) if f > 1 else cells.reshape(b, m, hs, ws, c)
         tokens.append(cells.permute(0, 1, 4, 2, 3).reshape(b, m, c * hs * ws))
     k = layout.current_size[0] // hs
-    cur = x[:, layout.frame_offsets[-1]:].reshape(b, hs, k, ws, k, c)
+    cur = cur.reshape(b, hs, k, ws, k, c)
     tokens.append(cur.permute(0, 2, 4, 5, 1, 3).reshape(b, k * k, c * hs * ws))
     return torch.cat(tokens, dim=1)
 
@@ -70,15 +74,16 @@ def frame_level_to_video(y: Tensor, layout: ClipLayout, grid: tuple[int, int], c
     (b, n_tok, c*hs*ws) -> (b, Lv, c)."""
     b = y.shape[0]
     hs, ws = grid
-    out, pos = [], 0
-    for _, m, h, w in history_runs(layout):
-        f = h // hs
-        cells = y[:, pos:pos + m].reshape(b, m, c, hs, 1, ws, 1).expand(b, m, c, hs, f, ws, f)
-        out.append(cells.permute(0, 1, 3, 4, 5, 6, 2).reshape(b, m * h * w, c))
-        pos += m
+    runs = history_runs(layout)
     h, w = layout.current_size
     k = h // hs
-    cur = y[:, pos:].reshape(b, k, k, c, hs, ws).permute(0, 4, 1, 5, 2, 3)  # (b, hs, k, ws, k, c)
+    *parts, cur = y.split([m for m, _, _ in runs] + [k * k], 1)
+    out = []
+    for part, (m, rh, rw) in zip(parts, runs, strict=True):
+        f = rh // hs
+        cells = part.reshape(b, m, c, hs, 1, ws, 1).expand(b, m, c, hs, f, ws, f)
+        out.append(cells.permute(0, 1, 3, 4, 5, 6, 2).reshape(b, m * rh * rw, c))
+    cur = cur.reshape(b, k, k, c, hs, ws).permute(0, 4, 1, 5, 2, 3)  # (b, hs, k, ws, k, c)
     out.append(cur.reshape(b, h * w, c))
     return torch.cat(out, dim=1)
 
