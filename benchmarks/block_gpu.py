@@ -68,7 +68,11 @@ def timed(fn_fwd, fn_fwdbwd, device, warmup, repeats) -> dict:
 
 def round_trip(module, x, mask, register, spec):
     """The block's re-composition and its inverse, joint stream in and out. A baseline module of
-    the earlier API (text and video apart) is called the way the block then called it."""
+    an earlier API is called the way the block then called it: the inverse as text and video
+    apart (``decompose``), or both ways apart (``recompose``)."""
+    if hasattr(module, "sequence_to_joint"):
+        seq = module.joint_to_sequence(x, mask, register, spec)
+        return module.sequence_to_joint(seq, mask, spec)
     if hasattr(module, "joint_to_sequence"):
         return module.decompose(module.joint_to_sequence(x, mask, register, spec), mask, spec)
     lt = mask.shape[1]
