@@ -454,6 +454,31 @@ def test_tiny_overfits_one_sample():
 
 
 @pytest.mark.gpu
+def test_mmdim_block_on_cuda_makes_the_host_wait_nowhere():
+    """Forward and backward of an MM-DiM block (fused adaLN and conv kernels, re-composition row
+    tables built for a text mask not seen before) are all queued: no step reads a value back or
+    copies from pageable host memory, either of which would stop the host until the GPU caught
+    up. CUDA's sync debug mode turns every such wait into an error. (The chunked torch scan:
+    the Triton scan's first compile takes minutes.)"""
+    block = randomize_zero_params(MMDiMBlock(TINY.replace(scan_backend="torch"), 3)).cuda()
+    layout = ClipLayout(4, ((2, 2), (4, 4), (4, 4)), (0, 1, 2))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = TINY.hidden_size
+    text = torch.randn(2, 4, d, device="cuda", generator=g, requires_grad=True)
+    video = torch.randn(2, layout.video_len, d, device="cuda", generator=g, requires_grad=True)
+    c = torch.randn(2, d, device="cuda", generator=g)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t, v = block(text, video, c, layout, None, mask)
+        (t.square().sum() + v.square().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(video.grad).all()
+
+
+@pytest.mark.gpu
 def test_model_on_cuda_matches_float64_on_cpu():
     """Every op the model runs differently on CUDA (the fused adaLN kernels, the joint stream's
     partial residual, the projections' and re-composition's hand-written backward passes on

@@ -26,8 +26,9 @@ besides the gathers themselves: the stream padded with a zero row and the regist
 video gradients concatenated into one source, or the two streams apart (a concatenation for the
 MLP after them) would each copy the whole stream, a pass over 236 MB in the 768p block. The row
 tables depend on the text mask and the spec: they are built on the device once per (mask, spec)
-and reused by every block of a forward that sees the same mask (a pageable host-to-device copy
-per call would stall the launch queue).
+and reused by every block of a forward that sees the same mask; the spec's part, made on the
+host, goes over with a queued copy (:func:`m4v.transfer.to_device`), since the model's mask is a
+new tensor every forward.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from m4v.ops.zigzag import zigzag_orders
 from m4v.tensor_memo import TensorMemo
+from m4v.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,8 @@ def sequence_index(text_mask: Tensor, spec: SequenceSpec) -> SequenceIndex:
     b, lt = text_mask.shape
     forward, inverse = video_scan_index(spec)
     # on the host: nonzero has no meta kernel (FLOP counts run the model on meta tensors)
-    register_at = torch.nonzero(forward == 0).squeeze(1).to(device)
-    forward, inverse = forward.to(device), inverse.to(device)
+    register_at = to_device(torch.nonzero(forward == 0).squeeze(1), device)
+    forward, inverse = to_device(forward, device), to_device(inverse, device)
     lm, lv = forward.numel(), inverse.numel()
     lj = lt + lv
     ls = lt + lm + (lt if spec.text_recomposition else 0)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from m4v.model.embeddings import ClipLayout
+from m4v.transfer import to_device
 
 
 def axis_positions(n: int, ref: int) -> Tensor:
@@ -46,16 +47,16 @@ def rope_cos_sin(layout: ClipLayout, axes: tuple[int, int, int], device, theta: 
     """cos, sin of shape (Lv, head_dim / 2), float32 on ``device``; shared, not to be modified.
 
     Cached per (layout, axes, device, theta): they are computed on the host in float64 and copied
-    over, a copy that makes the host wait for the GPU, and a training run sees the same few
-    layouts (pyramid stage x frame) again and again. 64 layouts at most; a 768p layout's pair
-    takes 3 MB (pyramid) to 16 MB (16 full frames) at head_dim 64."""
+    over, and a training run sees the same few layouts (pyramid stage x frame) again and again.
+    64 layouts at most; a 768p layout's pair takes 3 MB (pyramid) to 16 MB (16 full frames) at
+    head_dim 64."""
     return _cos_sin(layout, tuple(axes), torch.device(device), float(theta))
 
 
 @lru_cache(maxsize=64)
 def _cos_sin(layout: ClipLayout, axes: tuple[int, int, int], device: torch.device, theta: float):
     ang = rope_angles(video_positions(layout), axes, theta)
-    return ang.cos().float().to(device), ang.sin().float().to(device)
+    return to_device(ang.cos().float(), device), to_device(ang.sin().float(), device)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
