@@ -313,17 +313,27 @@ def test_layout_crossing_projections_under_autocast_give_gradients_in_the_inputs
     torch.testing.assert_close(dw.double(), ref[1], rtol=3e-2, atol=0.3)
 
 
-def test_block_causal_attention_matches_dense_mask():
+@pytest.mark.parametrize("padded", [True, False])
+def test_block_causal_attention_matches_dense_mask(padded):
+    """Values and the gradients of q, k and v (per query group, the keys are prefix views whose
+    gradients add up in a hand-written backward) against softmax under the dense mask."""
     g = torch.Generator().manual_seed(0)
     lt, frames = 3, [4, 4, 8]
-    q, k, v = (torch.randn(2, 2, lt + 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    text_mask = torch.tensor([[True, True, False], [True, False, False]])
+    q, k, v = (torch.randn(2, 2, lt + 16, 8, generator=g, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    text_mask = (torch.tensor([[True, True, False], [True, False, False]]) if padded
+                 else torch.ones(2, lt, dtype=torch.bool))
     out = block_causal_attention(q, k, v, lt, frames, text_mask)
     allowed = block_causal_mask(lt, frames)[None, None] & torch.cat(
         [text_mask, torch.ones(2, 16, dtype=torch.bool)], 1)[:, None, None, :]
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
     torch.testing.assert_close(out, ref)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * weights).sum(), (q, k, v)),
+                         strict=True):
+        torch.testing.assert_close(got, want)
     mask = block_causal_mask(1, [1, 2])
     assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
 

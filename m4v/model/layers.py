@@ -59,5 +59,7 @@ def rms_norm(x: Tensor, norm: nn.RMSNorm) -> Tensor:
 
 
 def rotate_video(t: Tensor, text_len: int, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE to the video part of a joint (b, heads, Lt + Lv, head_dim) tensor."""
-    return torch.cat([t[:, :, :text_len], apply_rope(t[:, :, text_len:], cos, sin)], dim=2)
+    """Apply RoPE to the video part of a joint (b, heads, Lt + Lv, head_dim) tensor. (``split``:
+    two slices would each send their gradient back through a zero-filled whole-length copy.)"""
+    text, video = t.split([text_len, t.shape[2] - text_len], dim=2)
+    return torch.cat([text, apply_rope(video, cos, sin)], dim=2)

@@ -5,6 +5,11 @@ frame i sees all text and every video token of frames <= i. Instead of materiali
 ``(L, L)`` mask (3.7 G entries at 768p x 16 frames) each query group is one mask-free
 ``scaled_dot_product_attention`` over the key prefix it may see, so the current (largest) frame
 runs on the flash kernel. Only the text padding needs a mask, and a ``(b, 1, 1, L_k)`` one at that.
+
+The groups' queries are one ``split`` of q, and their keys and values prefix views of k and v
+(:class:`_Prefixes`) whose gradients add into one tensor. Taken as slices, each group's gradient
+would come back through its own zero-filled copy of the whole k (and v), and autograd would add
+those up: 17 groups on 16 frames, about three passes over the whole tensor each.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from m4v.tensor_memo import TensorMemo
 
@@ -51,6 +57,33 @@ def _key_mask(text_mask: Tensor | None, key_len: int) -> Tensor | None:
     return keep[:, None, None, :]
 
 
+class _Prefixes(torch.autograd.Function):
+    """The views ``x[:, :, :end]`` for each of ``ends`` (along the sequence axis, dim 2)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ends: tuple[int, ...]) -> tuple[Tensor, ...]:
+        ctx.shape = x.shape
+        ctx.ends = ends
+        ctx.set_materialize_grads(False)
+        return tuple(x[:, :, :end] for end in ends)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, None]:
+        # longest prefix first: a whole-length gradient starts the sum (a copy, no zero fill)
+        pairs = sorted(((end, g) for end, g in zip(ctx.ends, grads, strict=True)
+                        if g is not None), key=lambda p: -p[0])
+        if not pairs:
+            return None, None
+        end, g = pairs.pop(0)
+        total = g.clone() if end == ctx.shape[2] else g.new_zeros(ctx.shape)
+        if end < ctx.shape[2]:
+            pairs.insert(0, (end, g))
+        for end, g in pairs:
+            total[:, :, :end].add_(g)
+        return total, None
+
+
 def block_causal_attention(
     q: Tensor, k: Tensor, v: Tensor, text_len: int, frame_lens: list[int],
     text_mask: Tensor | None = None,
@@ -70,11 +103,14 @@ def block_causal_attention(
         raise ValueError(
             f"q: got sequence length {q.shape[2]}, expected text_len + frames = {total}"
         )
-    outs = []
-    for q_start, q_end, k_end in query_groups(text_len, frame_lens):
-        mask = _key_mask(text_mask, k_end)
-        outs.append(F.scaled_dot_product_attention(
-            q[:, :, q_start:q_end], k[:, :, :k_end], v[:, :, :k_end], attn_mask=mask))
+    groups = query_groups(text_len, frame_lens)
+    ends = tuple(k_end for _, _, k_end in groups)
+    queries = q.split([q_end - q_start for q_start, q_end, _ in groups], dim=2)
+    mask = _key_mask(text_mask, total)
+    outs = [F.scaled_dot_product_attention(
+        qi, ki, vi, attn_mask=None if mask is None else mask[..., :end])
+        for qi, ki, vi, end in zip(queries, _Prefixes.apply(k, ends), _Prefixes.apply(v, ends),
+                                   ends, strict=True)]
     return torch.cat(outs, dim=2)
 
 
