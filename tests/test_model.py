@@ -23,7 +23,7 @@ from m4v.model.temporal import (
     frame_level_tokens,
     history_runs,
 )
-from m4v.ops.attention import block_causal_attention, block_causal_mask
+from m4v.ops.attention import _Prefixes, block_causal_attention, block_causal_mask
 from m4v.ops.scan_reference import selective_scan_reference
 from m4v.ops.zigzag import zigzag_orders
 
@@ -337,6 +337,20 @@ def test_block_causal_attention_matches_dense_mask(padded):
     mask = block_causal_mask(1, [1, 2])
     assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
 
+
+
+def test_key_prefixes_gradient_matches_slicing_when_some_are_unused():
+    """The prefix views' hand-written backward against autograd through plain slices, with the
+    whole-length prefix unused (its gradient is None: the sum then starts from zeros)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ends = (2, 7, 5, 5)
+    weights = [torch.randn(2, 3, e, 4, generator=g, dtype=torch.float64) for e in ends]
+    used = (0, 2, 3)
+    views = _Prefixes.apply(x, ends)
+    (got,) = torch.autograd.grad(sum((views[i] * weights[i]).sum() for i in used), x)
+    (want,) = torch.autograd.grad(sum((x[:, :, :ends[i]] * weights[i]).sum() for i in used), x)
+    torch.testing.assert_close(got, want)
 
 def test_temporal_tokens_split_and_merge():
     # runs of equal-size history frames (two at 2x2, two at 4x4) and an 8x8 current frame

@@ -75,10 +75,10 @@ class _Prefixes(torch.autograd.Function):
                         if g is not None), key=lambda p: -p[0])
         if not pairs:
             return None, None
-        end, g = pairs.pop(0)
-        total = g.clone() if end == ctx.shape[2] else g.new_zeros(ctx.shape)
-        if end < ctx.shape[2]:
-            pairs.insert(0, (end, g))
+        if pairs[0][0] == ctx.shape[2]:
+            total = pairs.pop(0)[1].clone()
+        else:
+            total = pairs[0][1].new_zeros(ctx.shape)
         for end, g in pairs:
             total[:, :, :end].add_(g)
         return total, None
