@@ -338,7 +338,6 @@ def test_block_causal_attention_matches_dense_mask(padded):
     assert mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
 
 
-
 def test_key_prefixes_gradient_matches_slicing_when_some_are_unused():
     """The prefix views' hand-written backward against autograd through plain slices, with the
     whole-length prefix unused (its gradient is None: the sum then starts from zeros)."""
@@ -351,6 +350,7 @@ def test_key_prefixes_gradient_matches_slicing_when_some_are_unused():
     (got,) = torch.autograd.grad(sum((views[i] * weights[i]).sum() for i in used), x)
     (want,) = torch.autograd.grad(sum((x[:, :, :ends[i]] * weights[i]).sum() for i in used), x)
     torch.testing.assert_close(got, want)
+
 
 def test_temporal_tokens_split_and_merge():
     # runs of equal-size history frames (two at 2x2, two at 4x4) and an 8x8 current frame
